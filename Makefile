@@ -1,0 +1,18 @@
+# The two commands of the README, plus the benchmark. Each installs what it needs first
+# (tools/setup_host.sh: a venv with the real ComfyUI host, reused across runs).
+SETUP := bash tools/setup_host.sh
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench setup
+
+setup:
+	@$(SETUP) >/dev/null
+
+demo:
+	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/demo.py
+
+test:
+	@venv=$$($(SETUP)) && cd "$(CURDIR)" && "$$venv/bin/python" -m pytest tests $(PYTEST_ARGS)
+
+bench:
+	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/quality.py

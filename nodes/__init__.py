@@ -1,0 +1,13 @@
+"""ComfyUI nodes of the pack (V3 schema): thin adapters over `optimizers`."""
+from comfy_api.latest import ComfyExtension, io
+
+CATEGORY = "sampling/calibrated_samplers"
+
+
+class CalibratedSamplersExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return []
+
+
+async def comfy_entrypoint() -> CalibratedSamplersExtension:
+    return CalibratedSamplersExtension()

@@ -1,0 +1,140 @@
+"""Closed-form test models: a class-conditional Gaussian mixture whose exact denoiser is known.
+
+The data are 4x8x8 latents drawn from a mixture of isotropic Gaussians N(mu_k, v_k I),
+COMPONENTS_PER_CLASS per class. For a state x = a x0 + b n (ComfyUI's EPS and V models: a = 1,
+b = sigma; flow models: a = 1 - sigma, b = sigma) the posterior mean is exact:
+
+    E[x0 | x] = sum_k r_k(x) * (mu_k + a v_k / (a^2 v_k + b^2) * (x - a mu_k)),
+    r_k(x) proportional to w_k * N(x; a mu_k, (a^2 v_k + b^2) I).
+
+`GaussianMixtureNet` is the `diffusion_model` of a real ComfyUI `BaseModel`: ComfyUI scales the input,
+converts sigma to a timestep and converts our output to a denoised prediction with its own
+model_sampling code, exactly as for a real checkpoint; the network undoes the input scaling with
+the same model_sampling and returns whatever output (eps, v or flow velocity) makes ComfyUI's
+`calculate_denoised` produce the exact posterior mean. The context selects the class: a one-hot
+row (first NUM_CLASSES entries) conditions on that class, an all-zero row is unconditional.
+"""
+import math
+
+import torch
+
+NUM_CLASSES = 10
+COMPONENTS_PER_CLASS = 3
+LATENT_SHAPE = (4, 8, 8)
+CONTEXT_DIM = 16
+
+
+def _mixture(seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    dim = math.prod(LATENT_SHAPE)
+    k = NUM_CLASSES * COMPONENTS_PER_CLASS
+    class_means = torch.randn(NUM_CLASSES, 1, dim, generator=g, dtype=torch.float64)
+    offsets = 0.6 * torch.randn(NUM_CLASSES, COMPONENTS_PER_CLASS, dim, generator=g, dtype=torch.float64)
+    means = (class_means + offsets).reshape(k, dim)
+    variances = (0.15 + 0.35 * torch.rand(k, generator=g, dtype=torch.float64)) ** 2
+    log_weights = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
+    classes = torch.arange(NUM_CLASSES).repeat_interleave(COMPONENTS_PER_CLASS)
+    return means, variances, log_weights, classes
+
+
+class GaussianMixture:
+    """The data distribution, with its exact posterior mean in variance-exploding coordinates."""
+
+    def __init__(self, seed=1234):
+        self.means, self.variances, self.log_weights, self.classes = _mixture(seed)
+
+    def posterior_mean(self, x, a, b, labels=None):
+        """E[x0 | a x0 + b n = x] in float64; a, b per sample; labels (-1: unconditional) restrict the mixture."""
+        shape = x.shape
+        x = x.reshape(shape[0], -1).double()
+        a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1)
+        b = torch.as_tensor(b, dtype=torch.float64).reshape(-1, 1)
+        var = a * a * self.variances[None, :] + b * b                              # [B, K]
+        sq = ((x[:, None, :] - a[:, :, None] * self.means[None]) ** 2).sum(-1)    # [B, K]
+        logp = self.log_weights[None] - 0.5 * sq / var - 0.5 * x.shape[1] * torch.log(var)
+        if labels is not None:
+            labels = torch.as_tensor(labels).reshape(-1, 1)
+            allowed = (labels < 0) | (self.classes[None, :] == labels)
+            logp = logp.masked_fill(~allowed, -math.inf)
+        r = torch.softmax(logp, dim=1)                                              # [B, K]
+        gain = r * a * self.variances[None, :] / var                                # [B, K]
+        mean = r @ self.means + gain.sum(1, keepdim=True) * x - (gain * a) @ self.means
+        return mean.reshape(shape)
+
+    def sample(self, n, labels=None, generator=None):
+        """Exact samples of the data distribution (for tests of the closed form itself)."""
+        labels = torch.full((n,), -1) if labels is None else torch.as_tensor(labels)
+        logits = self.log_weights.expand(n, -1).clone()
+        logits[labels >= 0] = logits[labels >= 0].masked_fill(
+            self.classes[None, :] != labels[labels >= 0, None], -math.inf)
+        k = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator)[:, 0]
+        noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.variances[k, None].sqrt() * noise).reshape(n, *LATENT_SHAPE)
+
+
+def labels_from_context(context):
+    """Class per sample from a context [B, T, CONTEXT_DIM]: argmax of the one-hot row, -1 if all zero."""
+    row = context[:, 0, :NUM_CLASSES]
+    return torch.where(row.abs().sum(1) > 0, row.argmax(1), torch.full_like(row[:, 0], -1, dtype=torch.long))
+
+
+class GaussianMixtureNet(torch.nn.Module):
+    """A diffusion_model for ComfyUI's BaseModel whose prediction is the mixture's exact one."""
+
+    def __init__(self, family="flow", device=None, operations=None, dtype=torch.float32, **unused):
+        super().__init__()
+        self.mixture = GaussianMixture()
+        self.family = family
+        self.dtype = dtype
+        self.model_sampling = None      # bound by build_model: the BaseModel's own model_sampling
+        self.register_buffer("anchor", torch.zeros(1, dtype=dtype), persistent=False)
+
+    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+        ms = self.model_sampling
+        s = transformer_options["sigmas"].to(torch.float64)
+        if len(s) != len(xc):           # cond and uncond chunks are stacked: one sigma per chunk row
+            s = s.repeat(len(xc) // len(s))
+        ones = torch.ones_like(xc, dtype=torch.float64)
+        x = xc.double() / ms.calculate_input(s, ones)                  # ComfyUI's state x_c
+        a = 1 - s if self.family == "flow" else torch.ones_like(s)
+        mean = self.mixture.posterior_mean(x, a, s, labels_from_context(context))
+        base = ms.calculate_denoised(s, torch.zeros_like(x), x)
+        slope = ms.calculate_denoised(s, ones, torch.zeros_like(x))
+        return ((mean - base) / slope).to(xc.dtype)
+
+
+def build_model(family):
+    """A ModelPatcher around a real ComfyUI BaseModel with the exact mixture denoiser.
+
+    family: "eps" or "v_prediction" (ComfyUI's discrete SD1.5 schedule) or "flow" (discrete
+    flow, shift 3, as SD3).
+    """
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_type = {"eps": comfy.model_base.ModelType.EPS,
+                  "v_prediction": comfy.model_base.ModelType.V_PREDICTION,
+                  "flow": comfy.model_base.ModelType.FLOW}[family]
+    config = comfy.supported_models.SD15({"family": family, "in_channels": LATENT_SHAPE[0]})
+    config.unet_extra_config = {}
+    config.unet_config = {"family": family}
+    if family == "flow":
+        config.sampling_settings = {"shift": 3.0, "multiplier": 1000}
+    config.set_inference_dtype(torch.float32, None)
+    base = comfy.model_base.BaseModel(config, model_type=model_type, unet_model=GaussianMixtureNet)
+    base.diffusion_model.model_sampling = base.model_sampling
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+def conditioning(labels):
+    """ComfyUI CONDITIONING selecting one class per sample (a batch-1 list applies to every sample)."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    context = torch.zeros(len(labels), 1, CONTEXT_DIM)
+    context[torch.arange(len(labels)), 0, labels] = 1
+    return [[context, {}]]
+
+
+def null_conditioning(batch=1):
+    return [[torch.zeros(batch, 1, CONTEXT_DIM), {}]]
