@@ -1,12 +1,12 @@
 """ComfyUI nodes of the pack (V3 schema): thin adapters over `optimizers`."""
 from comfy_api.latest import ComfyExtension, io
 
-CATEGORY = "sampling/calibrated_samplers"
+NODES: list[type[io.ComfyNode]] = []
 
 
 class CalibratedSamplersExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return NODES
 
 
 async def comfy_entrypoint() -> CalibratedSamplersExtension:

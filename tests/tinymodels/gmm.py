@@ -109,6 +109,7 @@ def build_model(family):
     family: "eps" or "v_prediction" (ComfyUI's discrete SD1.5 schedule) or "flow" (discrete
     flow, shift 3, as SD3).
     """
+    import comfy.latent_formats
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
@@ -121,6 +122,7 @@ def build_model(family):
     config.unet_config = {"family": family}
     if family == "flow":
         config.sampling_settings = {"shift": 3.0, "multiplier": 1000}
+    config.latent_format = comfy.latent_formats.LatentFormat()     # scale 1: LATENT is the model's x
     config.set_inference_dtype(torch.float32, None)
     base = comfy.model_base.BaseModel(config, model_type=model_type, unet_model=GaussianMixtureNet)
     base.diffusion_model.model_sampling = base.model_sampling

@@ -1,0 +1,93 @@
+"""What the benchmarks and the demo share: the tiny models, held-out noise, teacher runs, counted sampling.
+
+Seeds: calibration batches use seeds below HELD_OUT_SEED; every quality figure is measured on noise
+drawn from HELD_OUT_SEED upwards, which no calibration ever sees.
+"""
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import host  # noqa: E402
+
+host.setup()
+
+import torch  # noqa: E402
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import tinymodels  # noqa: E402
+from calibrated_samplers.optimizers.coordinates import NoiseSchedule  # noqa: E402
+from calibrated_samplers.optimizers.teacher import sample_teacher, teacher_sigmas  # noqa: E402
+
+HELD_OUT_SEED = 10_000
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Deterministic ComfyUI samplers (ancestral and SDE samplers are stochastic: no single teacher answer).
+SAMPLERS = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
+            "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2", "ddim"]
+SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
+
+
+def noise_batch(batch, seed, shape=(4, 8, 8)):
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Case:
+    """One model with one conditioning batch and guidance scale: everything a sampler run needs."""
+
+    name: str
+    model: object
+    module: object
+    schedule: NoiseSchedule
+    cfg: float
+    noise: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def make(cls, name, cfg, batch, seed=HELD_OUT_SEED, labels=None):
+        model, module = tinymodels.load(name)
+        ms = model.get_model_object("model_sampling")
+        labels = torch.arange(batch) % 10 if labels is None else torch.as_tensor(labels)
+        return cls(name, model, module, NoiseSchedule.from_model_sampling(ms), cfg,
+                   noise_batch(batch, seed), labels)
+
+    @property
+    def model_sampling(self):
+        return self.model.get_model_object("model_sampling")
+
+    def sample(self, sampler, sigmas, model=None):
+        """Final latent of ComfyUI's own sampling call (SamplerCustom's path) with this case's noise."""
+        return comfy.sample.sample_custom(
+            model or self.model, self.noise, self.cfg, sampler, sigmas,
+            self.module.conditioning(self.labels), self.module.null_conditioning(len(self.labels)),
+            torch.zeros_like(self.noise), disable_pbar=True, seed=0)
+
+    def counted_sample(self, sampler, sigmas):
+        """(final latent, guided model evaluations, seconds)."""
+        calls = []
+        model = self.model.clone()
+        model.set_model_sampler_post_cfg_function(lambda args: calls.append(1) or args["denoised"])
+        start = time.perf_counter()
+        x = self.sample(sampler, sigmas, model)
+        return x, len(calls), time.perf_counter() - start
+
+    def teacher(self, steps=500):
+        sampler = comfy.samplers.KSAMPLER(sample_teacher, extra_options={"schedule": self.schedule})
+        return self.sample(sampler, teacher_sigmas(self.schedule, steps))
+
+
+def rmse(x, reference):
+    return float((x.double() - reference.double()).pow(2).mean().sqrt())
+
+
+def builtin_sigmas(case, scheduler, steps, sampler_name):
+    """Sigmas as ComfyUI's KSampler makes them (it drops the penultimate sigma for some samplers)."""
+    discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+    return drop_penultimate(comfy.samplers.calculate_sigmas(case.model_sampling, scheduler, steps + discard), discard)
+
+
+def drop_penultimate(sigmas, drop=True):
+    return torch.cat([sigmas[:-2], sigmas[-1:]]) if drop else sigmas

@@ -1,0 +1,175 @@
+"""Quality benchmark: held-out RMSE against the teacher for every deterministic ComfyUI sampler and
+scheduler (and the pack's methods), per tiny model, NFE and guidance scale.
+
+    make bench                      # everything: writes benchmarks/results/quality.{json,md}
+    make bench ARGS="--quick"       # two models, guided only
+
+NFE is counted, not assumed: every run counts the guided-denoiser evaluations it made (a Heun step is
+two), and a sampler enters an NFE column with the most steps whose count stays within it.
+"""
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import common
+import comfy.samplers
+from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
+from comfy_extras.nodes_gits import GITSScheduler
+
+MODELS = ["gmm_eps", "gmm_v_prediction", "gmm_flow", "digits_eps", "digits_flow"]
+NFES = [4, 5, 6, 8, 10]
+CFGS = [1.0, 3.0]
+
+
+def evaluations_per_interval(max_intervals=14):
+    """{sampler: {number of sigma intervals: model evaluations}}, counted on the closed-form model."""
+    case = common.Case.make("gmm_eps", 3.0, 1)
+    table = {}
+    for name in common.SAMPLERS:
+        sampler = comfy.samplers.sampler_object(name)
+        table[name] = {n: case.counted_sample(sampler, comfy.samplers.calculate_sigmas(case.model_sampling, "karras", n))[1]
+                       for n in range(1, max_intervals + 1)}
+    return table
+
+
+def within_budget(evaluations, nfe, make_sigmas):
+    """(steps, sigmas) with the most steps whose evaluation count stays within nfe, or None."""
+    for steps in range(nfe, 0, -1):
+        sigmas = make_sigmas(steps)
+        if evaluations.get(len(sigmas) - 1, nfe + 1) <= nfe:
+            return steps, sigmas
+    return None
+
+
+def schedulers_for(case):
+    """ComfyUI's schedulers, plus AlignYourSteps / GITS where the model has the SD1 noise range."""
+    sd1_range = abs(case.schedule.sigma_max - 14.6146) < 1e-3 and not case.schedule.is_flow
+    extra = {}
+    if sd1_range:
+        extra["ays_sd1"] = lambda steps: AlignYourStepsScheduler.execute("SD1", steps, 1.0).result[0]
+        extra["gits_1.20"] = lambda steps: GITSScheduler.execute(1.2, steps, 1.0).result[0]
+    return list(common.SCHEDULERS), extra
+
+
+def builtin_runs(case, evaluations, nfe):
+    """(sampler, scheduler, steps, sampler object, sigmas) for every built-in combination at this NFE."""
+    names, extra = schedulers_for(case)
+    for sampler_name in common.SAMPLERS:
+        sampler = comfy.samplers.sampler_object(sampler_name)
+        discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+        makers = {name: (lambda steps, name=name: common.builtin_sigmas(case, name, steps, sampler_name))
+                  for name in names}
+        for name, make in extra.items():
+            makers[name] = lambda steps, make=make: common.drop_penultimate(make(steps + discard), discard)
+        for scheduler, make in makers.items():
+            found = within_budget(evaluations[sampler_name], nfe, make)
+            if found is not None:
+                yield sampler_name, scheduler, found[0], sampler, found[1]
+
+
+# Later methods register here: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
+METHODS = []
+
+
+def run(models, nfes, cfgs, batch, teacher_steps):
+    evaluations = evaluations_per_interval(max(nfes) + 4)
+    records, teachers = [], {}
+    for name in models:
+        for cfg in cfgs:
+            case = common.Case.make(name, cfg, batch)
+            start = time.perf_counter()
+            teacher = case.teacher(teacher_steps)
+            teacher_seconds = time.perf_counter() - start
+            floor = common.rmse(case.teacher(teacher_steps // 2), teacher) / 3   # h^2 error of the teacher itself
+            teachers[f"{name} cfg {cfg:g}"] = {"steps": teacher_steps, "seconds": teacher_seconds,
+                                              "estimated_rmse": floor, "latent_std": float(teacher.std())}
+            print(f"{name} cfg {cfg:g}: teacher {teacher_steps} steps in {teacher_seconds:.1f} s, "
+                  f"its own error ~{floor:.1e}", flush=True)
+            for nfe in nfes:
+                runs = [("builtin",) + r for r in builtin_runs(case, evaluations, nfe)]
+                for method in METHODS:
+                    runs += list(method(case, nfe))
+                for method, sampler_name, scheduler, steps, sampler, sigmas in runs:
+                    x, count, seconds = case.counted_sample(sampler, sigmas)
+                    if count > nfe:
+                        raise AssertionError(f"{method}/{sampler_name}/{scheduler} used {count} > {nfe} evaluations")
+                    records.append({"model": name, "cfg": cfg, "nfe": nfe, "evaluations": count,
+                                    "method": method, "sampler": sampler_name, "scheduler": scheduler,
+                                    "steps": steps, "rmse": common.rmse(x, teacher), "seconds": seconds})
+    return records, teachers
+
+
+def best(records, method="builtin"):
+    """{(model, cfg, nfe): best record of that method}."""
+    out = {}
+    for r in records:
+        key = (r["model"], r["cfg"], r["nfe"])
+        if r["method"] == method and (key not in out or r["rmse"] < out[key]["rmse"]):
+            out[key] = r
+    return out
+
+
+def markdown(records, teachers, nfes):
+    lines = ["# Quality benchmark", "",
+             "RMSE of the final latent against the teacher (DPM-Solver++(2M), uniform in lambda) on held-out "
+             "seeds; lower is better. `evaluations` counts guided model calls.", "",
+             "## Teachers", "", "| model | steps | seconds | its own error (est.) | latent std |", "|---|---|---|---|---|"]
+    for key, t in teachers.items():
+        lines.append(f"| {key} | {t['steps']} | {t['seconds']:.1f} | {t['estimated_rmse']:.1e} | {t['latent_std']:.2f} |")
+    methods = sorted({r["method"] for r in records}, key=lambda m: (m != "builtin", m))
+    bests = {m: best(records, m) for m in methods}
+    lines += ["", "## Best per model, guidance and NFE", "",
+              "| model | cfg | NFE | " + " | ".join(f"best {m}" for m in methods) + " |",
+              "|---|---|---|" + "---|" * len(methods)]
+    for key in sorted(bests["builtin"]):
+        cells = []
+        for m in methods:
+            r = bests[m].get(key)
+            cells.append("" if r is None else f"{r['rmse']:.4f} ({r['sampler']}/{r['scheduler']}, {r['evaluations']})")
+        lines.append(f"| {key[0]} | {key[1]:g} | {key[2]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Every built-in sampler at its best scheduler", ""]
+    per = defaultdict(dict)
+    for r in records:
+        if r["method"] != "builtin":
+            continue
+        key = (r["model"], r["cfg"], r["sampler"], r["nfe"])
+        if key not in per or r["rmse"] < per[key]["rmse"]:
+            per[key] = r
+    lines += ["| model | cfg | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+              "|---|---|---|" + "---|" * len(nfes)]
+    for model, cfg, sampler in sorted({k[:3] for k in per}):
+        cells = [f"{per[(model, cfg, sampler, n)]['rmse']:.4f} {per[(model, cfg, sampler, n)]['scheduler']}"
+                 if (model, cfg, sampler, n) in per else "" for n in nfes]
+        lines.append(f"| {model} | {cfg:g} | {sampler} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--nfe", nargs="+", type=int, default=NFES)
+    parser.add_argument("--cfg", nargs="+", type=float, default=CFGS)
+    parser.add_argument("--batch", type=int, default=16, help="held-out samples per model")
+    parser.add_argument("--teacher-steps", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="gmm_eps and digits_flow, guided only")
+    parser.add_argument("--out", default=str(common.RESULTS / "quality"))
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.cfg = ["gmm_eps", "digits_flow"], [3.0]
+    start = time.perf_counter()
+    records, teachers = run(args.models, args.nfe, args.cfg, args.batch, args.teacher_steps)
+    common.RESULTS.mkdir(exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"teachers": teachers, "records": records}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(records, teachers, args.nfe))
+    print(f"\nBest built-in per (model, cfg, NFE) — {len(records)} runs in {time.perf_counter() - start:.0f} s")
+    for (model, cfg, nfe), r in sorted(best(records).items()):
+        print(f"  {model:18s} cfg {cfg:g} NFE {nfe:2d}: {r['rmse']:.4f}  {r['sampler']}/{r['scheduler']} "
+              f"({r['steps']} steps, {r['evaluations']} evaluations)")
+    print(f"\nwrote {args.out}.json and {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()

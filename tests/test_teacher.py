@@ -1,0 +1,76 @@
+"""The teacher solver: ComfyUI runs it as a sampler; it is second order and records what fits need."""
+import pytest
+import torch
+
+import comfy.sample
+import comfy.samplers
+from calibrated_samplers.optimizers.coordinates import NoiseSchedule
+from calibrated_samplers.optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
+from tinymodels import gmm
+
+
+def _run(model, schedule, sigmas, noise, cfg=2.0, trajectory=None, sampler=None):
+    labels = torch.arange(len(noise)) % 10
+    sampler = sampler or comfy.samplers.KSAMPLER(
+        sample_teacher, extra_options={"schedule": schedule, "trajectory": trajectory})
+    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, gmm.conditioning(labels),
+                                      gmm.null_conditioning(len(noise)), torch.zeros_like(noise),
+                                      disable_pbar=True, seed=0)
+
+
+@pytest.fixture(scope="module", params=["eps", "flow"])
+def setup(request):
+    model = gmm.build_model(request.param)
+    schedule = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return model, schedule, noise
+
+
+def test_teacher_grid(setup):
+    _, schedule, _ = setup
+    sigmas = teacher_sigmas(schedule, 100)
+    assert len(sigmas) == 101 and sigmas[-1] == 0
+    assert sigmas[0] == pytest.approx(schedule.sigma_max) and sigmas[-2] == pytest.approx(schedule.sigma_min)
+    assert torch.all(sigmas[1:] < sigmas[:-1])
+    with pytest.raises(ValueError, match="teacher_steps"):
+        teacher_sigmas(schedule, 1)
+
+
+def test_teacher_converges_at_second_order(setup):
+    model, schedule, noise = setup
+    runs = {n: _run(model, schedule, teacher_sigmas(schedule, n), noise) for n in (50, 100, 400)}
+    err50 = (runs[50] - runs[400]).pow(2).mean().sqrt()
+    err100 = (runs[100] - runs[400]).pow(2).mean().sqrt()
+    assert 2.8 < err50 / err100 < 6, (err50, err100)   # about 4 (h^2), corrected for the reference's own error
+
+
+def test_teacher_is_comfyui_dpmpp_2m_for_variance_exploding_models():
+    """On an EPS model (lambda = -log sigma) our step is exactly ComfyUI's dpmpp_2m."""
+    model = gmm.build_model("eps")
+    schedule = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 12)
+    ours = _run(model, schedule, sigmas, noise)
+    theirs = _run(model, schedule, sigmas, noise, sampler=comfy.samplers.sampler_object("dpmpp_2m"))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_trajectory_records_every_step(setup):
+    model, schedule, noise = setup
+    sigmas = teacher_sigmas(schedule, 20)
+    trajectory = Trajectory(sigmas)
+    final = _run(model, schedule, sigmas, noise, trajectory=trajectory)
+    assert len(trajectory.states) == len(trajectory.denoised) == 20
+    torch.testing.assert_close(trajectory.final, final)
+    ms = model.get_model_object("model_sampling")
+    start = ms.noise_scaling(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=True)
+    torch.testing.assert_close(trajectory.states[0], start)
+    torch.testing.assert_close(trajectory.denoised[-1], final)     # the last step to 0 is x = D
+    assert trajectory.nbytes() == 2 * 20 * noise.numel() * 4
+
+
+def test_trajectory_storage_follows_the_budget():
+    sigmas = torch.linspace(1, 0, 1001)
+    sdxl = 4 * 128 * 128 * 16
+    assert Trajectory.for_budget(sigmas, sdxl).store_dtype == torch.float16
+    assert Trajectory.for_budget(sigmas, 4 * 8 * 8 * 16).store_dtype == torch.float32
