@@ -57,37 +57,61 @@ class Trajectory:
         return sum(t.numel() * t.element_size() for t in self.states + self.denoised)
 
 
+def step_coefficients(schedule: NoiseSchedule, sigmas) -> list[tuple[float, float, float]]:
+    """(a_i, b_i, c_i) of every teacher step: x_{i+1} = a_i x_i + b_i D_i + c_i D_{i-1}.
+
+    With x / sigma_native == x_c / s in every family (see coordinates), DPM-Solver++(2M) (Lu et al.
+    2022, eq. 14 and Alg. 2) is x' = (s'/s) x + s' e^{lambda'} (1 - e^{-h}) D_eff with
+    h = lambda' - lambda, D_eff = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1} / h_i; the first
+    step and the last (to sigma = 0, where x' = D_i) are first order.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    lambdas = schedule.lambda_(sigmas)
+    coefficients, h_last = [], None
+    for i in range(len(sigmas) - 1):
+        if sigmas[i + 1] == 0:
+            coefficients.append((0.0, 1.0, 0.0))
+            break
+        h = float(lambdas[i + 1] - lambdas[i])
+        gain = float(sigmas[i + 1]) * math.exp(float(lambdas[i + 1])) * -math.expm1(-h)
+        extrapolation = 0.0 if h_last is None else 1 / (2 * h_last / h)
+        coefficients.append((float(sigmas[i + 1] / sigmas[i]), gain * (1 + extrapolation), -gain * extrapolation))
+        h_last = h
+    return coefficients
+
+
+def state_combinations(schedule: NoiseSchedule, sigmas) -> torch.Tensor:
+    """M [T + 1, T + 1] (float64) with teacher state x_k = M[k, 0] x_0 + sum_j M[k, 1 + j] D_j.
+
+    Every state of the teacher is a fixed linear combination of its start and its model outputs, so
+    fits can work on the start and the outputs alone.
+    """
+    coefficients = step_coefficients(schedule, sigmas)
+    m = torch.zeros(len(coefficients) + 1, len(coefficients) + 1, dtype=torch.float64)
+    m[0, 0] = 1
+    for i, (a, b, c) in enumerate(coefficients):
+        m[i + 1] = a * m[i]
+        m[i + 1, 1 + i] += b
+        if i > 0:
+            m[i + 1, i] += c
+    return m
+
+
 @torch.no_grad()
 def sample_teacher(model, x, sigmas, extra_args=None, callback=None, disable=None,
                    schedule: NoiseSchedule | None = None, trajectory: Trajectory | None = None):
-    """DPM-Solver++(2M) in the family's lambda; records into `trajectory` when one is given.
-
-    With x / sigma_native == x_c / s in every family (see coordinates), one step is
-    x' = (s'/s) x + s' e^{lambda'} (1 - e^{-h}) D_eff with h = lambda' - lambda and
-    D_eff = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1} / h_i (DPM-Solver++ eq. 14 and Alg. 2).
-    """
+    """DPM-Solver++(2M) in the family's lambda (see `step_coefficients`); records into `trajectory`."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
-    lambdas = schedule.lambda_(sigmas.double())
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
+    old_denoised = None
+    for i, (a, b, c) in enumerate(step_coefficients(schedule, sigmas)):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
         if trajectory is not None:
             trajectory.record(x, denoised)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        if sigma_next == 0:
-            x = denoised
-            break
-        h = float(lambdas[i + 1] - lambdas[i])
-        d = denoised
-        if old_denoised is not None:
-            r = h_last / h
-            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        gain = float(sigma_next) * math.exp(float(lambdas[i + 1])) * -math.expm1(-h)
-        x = float(sigma_next / sigma) * x + gain * d
-        old_denoised, h_last = denoised, h
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = a * x + b * denoised + (c * old_denoised if c else 0)
+        old_denoised = denoised
     if trajectory is not None:
         trajectory.final = x.detach().to("cpu", torch.float32)
     return x

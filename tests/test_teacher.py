@@ -74,3 +74,15 @@ def test_trajectory_storage_follows_the_budget():
     sdxl = 4 * 128 * 128 * 16
     assert Trajectory.for_budget(sigmas, sdxl).store_dtype == torch.float16
     assert Trajectory.for_budget(sigmas, 4 * 8 * 8 * 16).store_dtype == torch.float32
+
+
+def test_states_are_the_stated_linear_combinations(setup):
+    model, schedule, noise = setup
+    from calibrated_samplers.optimizers.teacher import state_combinations
+    sigmas = teacher_sigmas(schedule, 30)
+    trajectory = Trajectory(sigmas)
+    _run(model, schedule, sigmas, noise, trajectory=trajectory)
+    m = state_combinations(schedule, sigmas)
+    basis = torch.stack([trajectory.states[0]] + trajectory.denoised).double().flatten(1)
+    states = torch.stack(trajectory.states + [trajectory.final]).double().flatten(1)
+    torch.testing.assert_close(m @ basis, states, rtol=1e-4, atol=1e-4)
