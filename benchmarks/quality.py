@@ -68,8 +68,17 @@ def builtin_runs(case, evaluations, nfe):
                 yield sampler_name, scheduler, found[0], sampler, found[1]
 
 
-# Later methods register here: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
-METHODS = []
+def trust_region_runs(case, nfe):
+    """Trust-region sigmas (TrustRegionStepsScheduler's defaults) with the sampler they are for."""
+    from calibrated_samplers.nodes.trust_region import SOLVERS, trust_region_sigmas
+    for solver in SOLVERS:
+        for label, trunc in (("trust_region", None), ("trust_region_trunc3", 3)):
+            sigmas = trust_region_sigmas(case.model_sampling, nfe, solver, "uniform_t", 2.0, trunc_num=trunc)
+            yield label, solver, "trust_region", nfe, comfy.samplers.sampler_object(solver), sigmas
+
+
+# The pack's methods: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
+METHODS = [trust_region_runs]
 
 
 def run(models, nfes, cfgs, batch, teacher_steps):

@@ -1,7 +1,11 @@
 """ComfyUI nodes of the pack (V3 schema): thin adapters over `optimizers`."""
 from comfy_api.latest import ComfyExtension, io
 
-NODES: list[type[io.ComfyNode]] = []
+CATEGORY = "sampling/calibrated_samplers"
+
+from .trust_region import TrustRegionStepsScheduler  # noqa: E402
+
+NODES: list[type[io.ComfyNode]] = [TrustRegionStepsScheduler]
 
 
 class CalibratedSamplersExtension(ComfyExtension):

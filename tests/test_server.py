@@ -31,10 +31,26 @@ def _sampler_custom_prompt(model_name, sigmas_node):
     }
 
 
-@pytest.mark.parametrize("model_name", ["gmm_eps", "gmm_flow"])
-def test_workflow_runs_through_prompt_and_history(comfy_server, model_name):
-    sigmas = {"class_type": "BasicScheduler",
-              "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 5, "denoise": 1.0}}
-    result = comfy_server.run_prompt(_sampler_custom_prompt(model_name, sigmas))
+SIGMAS_NODES = {
+    "builtin": {"class_type": "BasicScheduler",
+                "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 5, "denoise": 1.0}},
+    "trust_region": {"class_type": "TrustRegionStepsScheduler",
+                     "inputs": {"model": ["1", 0], "steps": 5, "solver": "uni_pc", "init": "uniform_t",
+                                "error_exponent": 2.0, "denoise": 1.0}},
+}
+
+
+@pytest.mark.parametrize("schedule", SIGMAS_NODES)
+@pytest.mark.parametrize("model_name", ["gmm_eps", "gmm_flow", "digits_eps"])
+def test_workflow_runs_through_prompt_and_history(comfy_server, model_name, schedule):
+    result = comfy_server.run_prompt(_sampler_custom_prompt(model_name, SIGMAS_NODES[schedule]))
     assert result.get("status", {}).get("status_str") == "success", (result, comfy_server.output())
     assert result["outputs"]["5"]["latents"][0]["filename"].endswith(".latent")
+
+
+def test_bad_input_reaches_the_error_panel(comfy_server):
+    """An invalid input is refused by ComfyUI's validation with the node and input named."""
+    bad = dict(SIGMAS_NODES["trust_region"], inputs=dict(SIGMAS_NODES["trust_region"]["inputs"], steps=1))
+    answer = comfy_server.post("/prompt", {"prompt": _sampler_custom_prompt("gmm_eps", bad)})
+    assert answer.get("http_status") == 400
+    assert "steps" in str(answer["node_errors"])

@@ -1,0 +1,57 @@
+"""TrustRegionStepsScheduler inside ComfyUI: SIGMAS for SamplerCustom, for every model family."""
+import pytest
+import torch
+
+from calibrated_samplers.nodes.trust_region import TrustRegionStepsScheduler, _optimized
+from comfy_extras.nodes_custom_sampler import KSamplerSelect, SamplerCustom
+from tinymodels import gmm
+
+
+@pytest.fixture(scope="module", params=["eps", "v_prediction", "flow"])
+def model(request):
+    return gmm.build_model(request.param)
+
+
+def _sigmas(model, steps=5, solver="uni_pc", init="uniform_t", p=2.0, denoise=1.0):
+    return TrustRegionStepsScheduler.execute(model, steps, solver, init, p, denoise).result[0]
+
+
+@pytest.mark.parametrize("solver", ["uni_pc", "dpmpp_2m", "euler"])
+def test_sigmas_span_the_model_range(model, solver):
+    ms = model.get_model_object("model_sampling")
+    sigmas = _sigmas(model, 6, solver)
+    assert sigmas.shape == (7,) and sigmas.dtype == torch.float32
+    assert sigmas[0] == pytest.approx(float(ms.sigma_max)) and sigmas[-1] == 0
+    assert torch.all(sigmas[1:] < sigmas[:-1]) and sigmas[-2] > float(ms.sigma_min) * 0.999
+
+
+def test_inits_and_exponent_change_nothing_but_the_result(model):
+    for init in ("uniform_t", "uniform_lambda", "karras"):
+        for p in (1.0, 2.0):
+            assert torch.isfinite(_sigmas(model, 5, "uni_pc", init, p)).all()
+
+
+def test_denoise_below_one_covers_the_img2img_range(model):
+    ms = model.get_model_object("model_sampling")
+    sigmas = _sigmas(model, 4, "uni_pc", "karras", denoise=0.5)
+    assert len(sigmas) == 5 and sigmas[-1] == 0
+    assert sigmas[0] == pytest.approx(float(ms.percent_to_sigma(0.5)), rel=1e-5)
+    assert len(_sigmas(model, 4, "uni_pc", "karras", denoise=0.0)) == 0
+    with pytest.raises(ValueError, match="uniform_t"):
+        _sigmas(model, 4, "uni_pc", "uniform_t", denoise=0.5)
+
+
+def test_results_are_cached_by_their_inputs(model):
+    _optimized.cache_clear()
+    first = _sigmas(model, 7)
+    again = _sigmas(model, 7)
+    assert _optimized.cache_info().hits >= 1 and torch.equal(first, again)
+
+
+def test_feeds_sampler_custom(model):
+    sigmas = _sigmas(model, 5, "uni_pc")
+    sampler = KSamplerSelect.execute("uni_pc").result[0]
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    out = SamplerCustom.execute(model, True, 3, 2.0, gmm.conditioning([1]), gmm.null_conditioning(),
+                                sampler, sigmas, latent).result[0]["samples"]
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
