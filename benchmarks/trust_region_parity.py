@@ -16,16 +16,15 @@ import importlib
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if "calibrated_samplers" not in sys.modules:      # the pack under a fixed name, without its root
-    package = types.ModuleType("calibrated_samplers")  # __init__ (which imports comfy)
-    package.__path__ = [str(ROOT)]
-    sys.modules["calibrated_samplers"] = package
+sys.path.insert(0, str(ROOT / "tests"))
+import host  # noqa: E402
+
+host.setup(comfy=False)
 tr = importlib.import_module("calibrated_samplers.optimizers.trust_region")
 NoiseSchedule = importlib.import_module("calibrated_samplers.optimizers.coordinates").NoiseSchedule
 

@@ -3,10 +3,13 @@
 `setup()` puts ComfyUI's source (COMFYUI_DIR, default: the `comfyui` folder of the venv that
 tools/setup_host.sh made) and tests/ on sys.path, switches ComfyUI to the CPU, and imports the
 pack under the fixed name `calibrated_samplers`, whatever its folder is called.
+`setup(comfy=False)` registers the package without running its root __init__ (which loads the
+nodes, hence comfy): enough for `optimizers` and `calibration_cache`, which never import comfy.
 """
 import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,9 +17,14 @@ TESTS = ROOT / "tests"
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", Path(sys.prefix) / "comfyui"))
 
 
-def setup():
+def setup(comfy=True):
     if "calibrated_samplers" in sys.modules:
         return sys.modules["calibrated_samplers"]
+    if not comfy:
+        package = types.ModuleType("calibrated_samplers")
+        package.__path__ = [str(ROOT)]
+        sys.modules["calibrated_samplers"] = package
+        return package
     if not (COMFYUI_DIR / "comfy").is_dir():
         raise RuntimeError(f"ComfyUI not found at {COMFYUI_DIR}: run through `make test` / `make bench`")
     sys.path.insert(0, str(COMFYUI_DIR))

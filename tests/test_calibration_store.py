@@ -1,0 +1,129 @@
+"""The Calibration record and its on-disk store: data only, atomic, validated, never unpickled."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from calibrated_samplers.calibration_cache import (CalibrationFileError, find, list_names, load, path_for,
+                                                   safe_name, save)
+from calibrated_samplers.optimizers.calibration import Calibration, CalibrationMismatch
+
+
+def _record(**overrides):
+    fields = dict(family="eps", fingerprint="abc123", sigmas=torch.tensor([14.6, 2.0, 0.5, 0.0]), cfg=3.0,
+                  latent_shape=(4, 8, 8), teacher={"steps": 500, "solver": "dpmpp_2m", "seed": 0, "batch": 8},
+                  fits={"olss": {"weights_x": torch.rand(3), "weights_d": torch.rand(3, 3)}},
+                  diagnostics={"olss": {"step_error": [0.1, 0.2, 0.3]}})
+    fields.update(overrides)
+    return Calibration(**fields)
+
+
+def test_round_trip(tmp_path):
+    record = _record()
+    path = save(record, tmp_path, "my calibration")
+    loaded = load(path)
+    assert loaded.key() == record.key() and loaded.methods == ["olss"] and loaded.nfe == 3
+    torch.testing.assert_close(loaded.fits["olss"]["weights_d"], record.fits["olss"]["weights_d"])
+    assert loaded.diagnostics == record.diagnostics and loaded.latent_shape == (4, 8, 8)
+    assert list_names(tmp_path) == ["my_calibration.safetensors"]
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+
+def test_find_by_key(tmp_path):
+    record = _record()
+    save(record, tmp_path, record.key())
+    assert find(tmp_path, record.key()).key() == record.key()
+    assert find(tmp_path, _record(cfg=5.0).key()) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "edit_json", "garbage", "empty"])
+def test_damaged_files_are_refused(tmp_path, damage):
+    path = save(_record(), tmp_path, "x")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 7]
+    elif damage == "bitflip":
+        data[-5] ^= 0x10
+    elif damage == "edit_json":
+        assert b'cfg\\": 3.0' in data
+        data = data.replace(b'cfg\\": 3.0', b'cfg\\": 7.0')
+    elif damage == "garbage":
+        data = b"\x80\x04\x95 not a safetensors file" * 10
+    else:
+        data = b""
+    path.write_bytes(bytes(data))
+    with pytest.raises(CalibrationFileError, match="x.safetensors"):
+        load(path)
+    assert find(tmp_path, "x") is None
+
+
+def test_wrong_schema_version_is_refused(tmp_path):
+    path = save(_record(schema_version=99), tmp_path, "future")
+    with pytest.raises(CalibrationFileError, match="schema version 99"):
+        load(path)
+
+
+def test_non_finite_fits_are_never_written(tmp_path):
+    with pytest.raises(ValueError, match="NaN"):
+        save(_record(fits={"olss": {"weights_x": torch.tensor([1.0, float("nan")])}}), tmp_path, "nan")
+    assert list_names(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/abs/path", "a/b/c", "..", "~user", "con:x"])
+def test_names_cannot_escape_the_folder(tmp_path, name):
+    try:
+        path = path_for(tmp_path, name)
+    except ValueError:
+        return
+    assert path.parent == tmp_path.resolve() and not safe_name(name).startswith(".")
+
+
+def test_mismatches_name_the_setting():
+    record = _record()
+    record.check_compatible(family="eps", fingerprint="abc123", latent_shape=(4, 8, 8), cfg=3.0, nfe=3)
+    for kwargs, word in [({"family": "flow"}, "family"), ({"fingerprint": "zzz"}, "model"),
+                         ({"latent_shape": (4, 16, 16)}, "latent shape"), ({"cfg": 5.0}, "cfg"),
+                         ({"nfe": 8}, "steps")]:
+        with pytest.raises(CalibrationMismatch, match=word):
+            record.check_compatible(**kwargs)
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import host; host.setup(comfy=False)
+from calibrated_samplers.calibration_cache import save
+from calibrated_samplers.optimizers.calibration import Calibration
+big = {{"olss": {{"weights_d": torch.full((2000, 2000), float(sys.argv[1]))}}}}
+record = Calibration("eps", "f", torch.tensor([1.0, 0.0]), 1.0, (4, 8, 8), {{}}, fits=big)
+print("ready", flush=True)
+while True:
+    save(record, sys.argv[2], "shared")
+"""
+
+
+def _writer(tmp_path, value):
+    from host import TESTS
+    return subprocess.Popen([sys.executable, "-c", WRITER.format(tests=str(TESTS)), str(value), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_killed_and_concurrent_writers_never_leave_a_torn_file(tmp_path):
+    """Two processes write the same key in a loop; both are killed mid-write, repeatedly."""
+    for round_ in range(3):
+        writers = [_writer(tmp_path, 1.0), _writer(tmp_path, 2.0)]
+        for w in writers:
+            assert w.stdout.readline().strip() == "ready"
+        time.sleep(0.3 + 0.2 * round_)
+        for w in writers:
+            w.send_signal(signal.SIGKILL)
+            w.wait()
+        record = load(tmp_path / "shared.safetensors")       # raises if torn
+        value = float(record.fits["olss"]["weights_d"][0, 0])
+        assert value in (1.0, 2.0)
+        assert torch.all(record.fits["olss"]["weights_d"] == value)
+    assert list_names(tmp_path) == ["shared.safetensors"]
