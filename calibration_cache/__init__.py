@@ -107,12 +107,14 @@ def list_names(folder) -> list[str]:
 
 
 def find(folder, key: str) -> Calibration | None:
-    """A stored, valid calibration with this key (see Calibration.key), if any; damaged files are skipped."""
-    path = path_for(folder, key)
-    if not path.exists():
-        return None
-    try:
-        calibration = load(path)
-    except CalibrationFileError:
-        return None
-    return calibration if calibration.key() == key else None
+    """A stored, valid calibration with this key (see Calibration.key; files are named
+    `<label>-<key>.safetensors`), if any; damaged files are skipped."""
+    for name in list_names(folder):
+        if name.endswith(f"{key}{SUFFIX}"):
+            try:
+                calibration = load(Path(folder) / name)
+            except CalibrationFileError:
+                continue
+            if calibration.key() == key:
+                return calibration
+    return None

@@ -28,7 +28,7 @@ class Calibration:
     sigmas: torch.Tensor                         # the student schedule, descending, ending in 0
     cfg: float                                   # guidance scale the fits are valid for
     latent_shape: tuple                          # one sample's latent shape, e.g. (4, 64, 64)
-    teacher: dict                                # steps, solver, seed, batch
+    teacher: dict                                # steps, solver, seed, batch, methods, fixed sigmas
     fits: dict = field(default_factory=dict)     # method -> {name: tensor}
     diagnostics: dict = field(default_factory=dict)  # method -> JSON-able facts (per-step errors, cost)
     schema_version: int = SCHEMA_VERSION
@@ -42,9 +42,9 @@ class Calibration:
         return sorted(self.fits)
 
     def key(self) -> str:
-        """What the record was fitted for, hashed: equal keys mean interchangeable calibrations."""
-        return calibration_key(self.family, self.fingerprint, self.sigmas, self.cfg, self.latent_shape,
-                               self.teacher)
+        """What the record was fitted for, hashed: equal keys mean interchangeable calibrations.
+        The same key is computed from a request before fitting (see `calibration_key`)."""
+        return calibration_key(self.family, self.fingerprint, self.nfe, self.cfg, self.latent_shape, self.teacher)
 
     # --- (de)serialisation: tensors + one JSON string of metadata -----------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -124,8 +124,9 @@ class Calibration:
                                       "use that cfg or calibrate again")
 
 
-def calibration_key(family, fingerprint, sigmas, cfg, latent_shape, teacher) -> str:
-    text = json.dumps({"family": family, "fingerprint": fingerprint,
-                       "sigmas": [round(float(v), 6) for v in sigmas], "cfg": round(float(cfg), 6),
+def calibration_key(family, fingerprint, nfe, cfg, latent_shape, teacher) -> str:
+    """Hash of everything a calibration is fitted for; `teacher` holds the teacher settings, the
+    methods asked for and the fixed student sigmas if any (JSON-able)."""
+    text = json.dumps({"family": family, "fingerprint": fingerprint, "nfe": int(nfe), "cfg": round(float(cfg), 6),
                        "latent_shape": list(latent_shape), "teacher": teacher}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

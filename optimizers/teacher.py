@@ -20,16 +20,39 @@ import torch
 from .coordinates import NoiseSchedule
 
 
-def teacher_sigmas(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
-    """steps + 1 ComfyUI sigmas from sigma_max to 0: uniform in lambda between sigma_max (for
-    flow models, where sigma_max = 1 is lambda = -inf, between 0.999) and sigma_min."""
+def teacher_sigmas(schedule: NoiseSchedule, steps: int, through=None) -> torch.Tensor:
+    """About steps + 1 ComfyUI sigmas from sigma_max to 0, uniform in lambda (for flow models, whose
+    sigma_max = 1 is lambda = -inf, uniform from sigma 0.999 on).
+
+    `through`: a student schedule (descending, ending in 0) the teacher grid must contain; each of its
+    intervals is then split uniformly in lambda into about steps / N teacher steps (the last, to 0, from
+    the student's last sigma down to sigma_min), so fits can target the teacher at the student sigmas.
+    """
     if steps < 2:
         raise ValueError(f"teacher_steps must be at least 2, got {steps}")
-    top = min(schedule.sigma_max, 0.999) if schedule.is_flow else schedule.sigma_max
-    lambdas = torch.linspace(float(schedule.lambda_(top)), schedule.lambda_max, steps, dtype=torch.float64)
-    sigmas = schedule.sigma_of_lambda(lambdas)
-    sigmas[0] = schedule.sigma_max
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    if through is None:
+        top = min(schedule.sigma_max, 0.999) if schedule.is_flow else schedule.sigma_max
+        lambdas = torch.linspace(float(schedule.lambda_(top)), schedule.lambda_max, steps, dtype=torch.float64)
+        sigmas = schedule.sigma_of_lambda(lambdas)
+        sigmas[0] = schedule.sigma_max
+        return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    through = torch.as_tensor(through, dtype=torch.float64)
+    if through.ndim != 1 or len(through) < 2 or through[-1] != 0 or torch.any(through[1:] >= through[:-1]):
+        raise ValueError("student sigmas must be a strictly decreasing schedule ending in 0")
+    last = float(through[-2])
+    ends = through[:-1].clone()
+    if last > schedule.sigma_min * (1 + 1e-4):        # the last student step to 0 is refined down to sigma_min
+        ends = torch.cat([ends, ends.new_tensor([schedule.sigma_min])])
+    lambdas = schedule.lambda_(ends.clamp(max=0.999) if schedule.is_flow else ends)
+    per = max(1, (steps - 1) // max(1, len(ends) - 1))
+    pieces = [through[:1]]
+    for i in range(len(ends) - 1):
+        inner = torch.linspace(float(lambdas[i]), float(lambdas[i + 1]), per + 1, dtype=torch.float64)[1:]
+        piece = schedule.sigma_of_lambda(inner)
+        piece[-1] = ends[i + 1]
+        pieces.append(piece)
+    sigmas = torch.cat(pieces + [through.new_zeros(1)])
+    return sigmas.float()
 
 
 @dataclass

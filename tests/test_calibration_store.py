@@ -35,7 +35,7 @@ def test_round_trip(tmp_path):
 
 def test_find_by_key(tmp_path):
     record = _record()
-    save(record, tmp_path, record.key())
+    save(record, tmp_path, f"eps-3steps-{record.key()}")
     assert find(tmp_path, record.key()).key() == record.key()
     assert find(tmp_path, _record(cfg=5.0).key()) is None
 

@@ -86,3 +86,17 @@ def test_states_are_the_stated_linear_combinations(setup):
     basis = torch.stack([trajectory.states[0]] + trajectory.denoised).double().flatten(1)
     states = torch.stack(trajectory.states + [trajectory.final]).double().flatten(1)
     torch.testing.assert_close(m @ basis, states, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["eps", "flow"])
+def test_teacher_grid_through_student_sigmas(family):
+    model = gmm.build_model(family)
+    ms = model.get_model_object("model_sampling")
+    schedule = NoiseSchedule.from_model_sampling(ms)
+    student = comfy.samplers.calculate_sigmas(ms, "karras", 5)
+    sigmas = teacher_sigmas(schedule, 100, through=student)
+    assert torch.all(sigmas[1:] < sigmas[:-1]) and sigmas[-1] == 0 and 90 <= len(sigmas) - 1 <= 105
+    for s in student:
+        assert torch.isclose(sigmas, s.float(), rtol=1e-6, atol=0).any(), float(s)
+    with pytest.raises(ValueError, match="decreasing"):
+        teacher_sigmas(schedule, 100, through=student.flip(0))
