@@ -72,7 +72,7 @@ def trust_region_runs(case, nfe):
     """Trust-region sigmas (TrustRegionStepsScheduler's defaults) with the sampler they are for."""
     from calibrated_samplers.nodes.trust_region import SOLVERS, trust_region_sigmas
     for solver in SOLVERS:
-        for label, trunc in (("trust_region", None), ("trust_region_trunc3", 3)):
+        for label, trunc in (("trust_region", 3), ("trust_region_trunc_rule", None)):
             sigmas = trust_region_sigmas(case.model_sampling, nfe, solver, "uniform_t", 2.0, trunc_num=trunc)
             yield label, solver, "trust_region", nfe, comfy.samplers.sampler_object(solver), sigmas
 
