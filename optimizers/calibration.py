@@ -48,10 +48,10 @@ class Calibration:
 
     # --- (de)serialisation: tensors + one JSON string of metadata -----------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"sigmas": self.sigmas.detach().to("cpu", torch.float32).contiguous()}
+        out = {"sigmas": self.sigmas.detach().to("cpu", torch.float32).clone()}
         for method, tensors in self.fits.items():
             for name, t in tensors.items():
-                out[f"{method}.{name}"] = t.detach().to("cpu").contiguous()
+                out[f"{method}.{name}"] = t.detach().to("cpu").clone()
         return out
 
     def metadata(self) -> dict[str, str]:

@@ -54,3 +54,48 @@ def test_bad_input_reaches_the_error_panel(comfy_server):
     answer = comfy_server.post("/prompt", {"prompt": _sampler_custom_prompt("gmm_eps", bad)})
     assert answer.get("http_status") == 400
     assert "steps" in str(answer["node_errors"])
+
+
+def test_calibrate_then_olss_workflow(comfy_server):
+    """Calibrate Sampler -> OLSS Sampler + Calibration Sigmas -> SamplerCustom, through /prompt."""
+    prompt = {
+        "1": {"class_type": "CalibratedSamplersTinyModel",
+              "inputs": {"model_name": "gmm_flow", "label": 3, "batch_size": 2}},
+        "2": {"class_type": "CalibrateSampler",
+              "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3],
+                         "seed": 0, "cfg": 2.0, "steps": 4, "teacher_steps": 100, "calibration_batch": 4,
+                         "method": "all", "refit": False}},
+        "3": {"class_type": "OLSSSampler", "inputs": {"calibration": ["2", 0], "variant": "olss"}},
+        "4": {"class_type": "CalibrationSigmas", "inputs": {"calibration": ["2", 0], "method": "olss"}},
+        "5": {"class_type": "SamplerCustom",
+              "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": 7, "cfg": 2.0,
+                         "positive": ["1", 1], "negative": ["1", 2], "sampler": ["3", 0],
+                         "sigmas": ["4", 0], "latent_image": ["1", 3]}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "olss"}},
+        "7": {"class_type": "CalibratedKSampler",
+              "inputs": {"model": ["1", 0], "seed": 3, "steps": 4, "cfg": 2.0, "method": "olss_p",
+                         "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 1.0,
+                         "teacher_steps": 100, "calibration_batch": 4}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "ks"}},
+    }
+    result = comfy_server.run_prompt(prompt)
+    assert result.get("status", {}).get("status_str") == "success", (result, comfy_server.output())
+    stored = list((comfy_server.base / "models" / "calibrations").glob("*.safetensors"))
+    assert len(stored) == 2, stored      # one per request: node 2 ("all", seed 0) and node 7 ("olss_p")
+
+
+def test_a_failing_node_reports_its_message(comfy_server):
+    """A calibrated KSampler asked for img2img fails with its message in the history (the error panel)."""
+    prompt = {
+        "1": {"class_type": "CalibratedSamplersTinyModel",
+              "inputs": {"model_name": "gmm_eps", "label": 3, "batch_size": 1}},
+        "2": {"class_type": "CalibratedKSampler",
+              "inputs": {"model": ["1", 0], "seed": 3, "steps": 4, "cfg": 2.0, "method": "olss",
+                         "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 0.5,
+                         "teacher_steps": 100, "calibration_batch": 4}},
+        "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "bad"}},
+    }
+    result = comfy_server.run_prompt(prompt)
+    assert result["status"]["status_str"] == "error"
+    messages = str(result["status"]["messages"])
+    assert "denoise 0.5" in messages and "img2img" in messages

@@ -1,0 +1,141 @@
+"""CalibrateSampler, the cache, OLSSSampler, CalibrationSigmas, LoadCalibration and CalibratedKSampler,
+executed as ComfyUI executes them, on the closed-form models."""
+import pytest
+import torch
+
+import comfy.samplers
+import folder_paths
+from calibrated_samplers.nodes.calibration import (CalibrateSampler, CalibrationSigmas, LoadCalibration,
+                                                   OLSSSampler)
+from calibrated_samplers.nodes.ksampler import CalibratedKSampler
+from calibrated_samplers.optimizers.calibration import CalibrationMismatch
+from comfy_extras.nodes_custom_sampler import SamplerCustom
+from tinymodels import gmm
+
+CFG = 2.0
+EMPTY = {"samples": torch.zeros(1, 4, 8, 8)}
+
+
+@pytest.fixture(autouse=True)
+def calibration_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "calibrations", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+def _count(calls):
+    def post_cfg(args):
+        calls.append(1)
+        return args["denoised"]
+    return post_cfg
+
+
+def _calibrate(model, steps=4, teacher_steps=120, batch=6, method="all", sigmas=None, refit=False, cfg=CFG):
+    return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(), EMPTY, 0, cfg, steps,
+                                    teacher_steps, batch, method, sigmas, refit).result
+
+
+def _sample(model, sampler, sigmas, seed=10_000, batch=4, cfg=CFG):
+    latent = {"samples": torch.zeros(batch, 4, 8, 8)}
+    return SamplerCustom.execute(model, True, seed, cfg, gmm.conditioning([3]), gmm.null_conditioning(), sampler,
+                                 sigmas, latent).result[0]["samples"]
+
+
+@pytest.fixture(scope="module", params=["eps", "flow"])
+def model(request):
+    return gmm.build_model(request.param)
+
+
+def test_calibrate_stores_and_reuses(model, calibration_folder):
+    calls = []
+    counted = model.clone()
+    counted.set_model_sampler_post_cfg_function(_count(calls))
+    calibration, teacher_latent, sigmas = _calibrate(counted)
+    assert len(calls) == 120 and teacher_latent["samples"].shape == (6, 4, 8, 8)
+    assert calibration.methods == ["olss", "olss_p"] and len(sigmas) == 5 and calibration.nfe == 4
+    assert len(list(calibration_folder.iterdir())) == 1
+    again, _, sigmas_again = _calibrate(counted)
+    assert len(calls) == 120, "a matching stored calibration must be reused, not recomputed"
+    assert again.key() == calibration.key() and torch.equal(sigmas, sigmas_again)
+    _calibrate(counted, refit=True)
+    assert len(calls) == 240
+
+
+def test_olss_beats_the_builtin_at_the_same_nfe_on_held_out_noise(model):
+    calibration = _calibrate(model, steps=5, teacher_steps=200, batch=8)[0]
+    teacher = _sample(model, comfy.samplers.sampler_object("dpmpp_2m"),
+                      comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 200))
+    builtin = _sample(model, comfy.samplers.sampler_object("dpmpp_2m"),
+                      comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 5))
+    sampler = OLSSSampler.execute(calibration, "olss").result[0]
+    sigmas = CalibrationSigmas.execute(calibration, "olss").result[0]
+    ours = _sample(model, sampler, sigmas)
+    assert (ours - teacher).pow(2).mean() < 0.5 * (builtin - teacher).pow(2).mean()
+
+
+def test_a_calibration_refuses_what_it_was_not_fitted_for(model):
+    calibration = _calibrate(model)[0]
+    sampler = OLSSSampler.execute(calibration, "olss").result[0]
+    sigmas = CalibrationSigmas.execute(calibration, "olss").result[0]
+    other = gmm.build_model("v_prediction" if calibration.family == "flow" else "flow")
+    with pytest.raises(CalibrationMismatch, match="family"):
+        _sample(other, sampler, CalibrationSigmas.execute(calibration, "olss").result[0])
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", type(model.get_model_object("model_sampling"))(
+        type("Config", (), {"sampling_settings": {"shift": 2.0, "multiplier": 1000, "linear_start": 0.0012}})()))
+    with pytest.raises(CalibrationMismatch, match="model"):
+        _sample(patched, sampler, sigmas)
+    with pytest.raises(CalibrationMismatch, match="cfg"):
+        _sample(model, sampler, sigmas, cfg=4.0)
+    with pytest.raises(ValueError, match="fitted for the 4-step sigmas"):
+        _sample(model, sampler, comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 4))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"steps": 70, "teacher_steps": 120}, "too many"),
+    ({"sigmas": torch.tensor([0.9, 0.5, 0.0])}, "2 steps given"),
+    ({"sigmas": torch.tensor([20.0, 0.5, 0.2, 0.1, 0.0])}, "above the model"),
+    ({"sigmas": torch.tensor([1.0, 3.0, 0.5, 0.1, 0.0])}, "decrease"),
+])
+def test_bad_requests_are_refused_with_the_input_named(model, bad, message, calibration_folder):
+    with pytest.raises(ValueError, match=message):
+        _calibrate(model, **bad)
+    assert list(calibration_folder.iterdir()) == []
+
+
+def test_nan_from_the_model_stores_nothing(model, calibration_folder):
+    broken = model.clone()
+    broken.set_model_sampler_post_cfg_function(lambda args: args["denoised"] * float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        _calibrate(broken)
+    assert list(calibration_folder.iterdir()) == []
+
+
+def test_fixed_sigmas_keep_the_schedule(model):
+    ms = model.get_model_object("model_sampling")
+    given = comfy.samplers.calculate_sigmas(ms, "karras", 4)
+    calibration, _, sigmas = _calibrate(model, sigmas=given, method="olss")
+    torch.testing.assert_close(sigmas, given.float(), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(_sample(model, OLSSSampler.execute(calibration, "olss").result[0], sigmas)).all()
+
+
+def test_load_calibration_lists_the_store(model, calibration_folder):
+    calibration = _calibrate(model)[0]
+    names = folder_paths.get_filename_list("calibrations")
+    assert len(names) == 1 and calibration.family in names[0]
+    loaded = LoadCalibration.execute(names[0]).result[0]
+    assert loaded.key() == calibration.key()
+
+
+def test_calibrated_ksampler_is_a_drop_in(model, calibration_folder):
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    out = CalibratedKSampler.execute(model, 5, 4, CFG, "olss", gmm.conditioning([3]), gmm.null_conditioning(),
+                                     latent, 1.0, 120, 6).result[0]
+    assert out["samples"].shape == (2, 4, 8, 8) and torch.isfinite(out["samples"]).all()
+    assert len(list(calibration_folder.iterdir())) == 1
+    with pytest.raises(ValueError, match="denoise"):
+        CalibratedKSampler.execute(model, 5, 4, CFG, "olss", gmm.conditioning([3]), gmm.null_conditioning(),
+                                   latent, 0.6, 120, 6)
+    calibration = _calibrate(model)[0]
+    with pytest.raises(CalibrationMismatch, match="steps"):
+        CalibratedKSampler.execute(model, 5, 6, CFG, "olss", gmm.conditioning([3]), gmm.null_conditioning(),
+                                   latent, 1.0, 120, 6, calibration)
