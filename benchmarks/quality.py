@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import common
 import comfy.samplers
+import torch
 from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
 from comfy_extras.nodes_gits import GITSScheduler
 
@@ -77,8 +78,52 @@ def trust_region_runs(case, nfe):
             yield label, solver, "trust_region", nfe, comfy.samplers.sampler_object(solver), sigmas
 
 
+CALIBRATION_BATCHES = (8, 32)
+CALIBRATION_COSTS = []
+
+
+def _calibration(case, teacher_steps=500):
+    """One teacher run per case on calibration seeds (0, ...; never the held-out ones), for the largest
+    calibration batch; smaller batches are its first samples (ComfyUI draws the noise sequentially)."""
+    if getattr(case, "calibration", None) is None:
+        from calibrated_samplers.nodes.calibration import run_teacher
+        from calibrated_samplers.optimizers.teacher import teacher_sigmas
+        batch = max(CALIBRATION_BATCHES)
+        labels = torch.arange(batch) % 10
+        start = time.perf_counter()
+        trajectory = run_teacher(case.model, case.module.conditioning(labels), case.module.null_conditioning(batch),
+                                 torch.zeros(1, *case.noise.shape[1:]), 0, case.cfg, case.schedule,
+                                 teacher_sigmas(case.schedule, teacher_steps), batch)
+        case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "grams": {}}
+    return case.calibration
+
+
+def olss_runs(case, nfe):
+    """OLSS and OLSS-P fitted on calibration batches of 8 and 32 noises, sampled on the held-out ones."""
+    from calibrated_samplers.optimizers import olss
+    from calibrated_samplers.optimizers.teacher import Trajectory
+    calibration = _calibration(case)
+    full = calibration["trajectory"]
+    for batch in CALIBRATION_BATCHES:
+        if batch not in calibration["grams"]:
+            part = Trajectory(full.sigmas, full.store_dtype, [x[:batch] for x in full.states],
+                              [d[:batch] for d in full.denoised], full.final[:batch])
+            start = time.perf_counter()
+            calibration["grams"][batch] = (olss.trajectory_gram(part, case.schedule), time.perf_counter() - start)
+        gram, gram_seconds = calibration["grams"][batch]
+        for method in ("olss", "olss_p"):
+            start = time.perf_counter()
+            path = olss.search_path(gram, nfe) if method == "olss" else olss.uniform_path(gram.teacher_steps, nfe)
+            coefficients = olss.fit_olss(gram, path)
+            CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": method,
+                                      "batch": batch, "teacher_seconds": calibration["teacher_seconds"],
+                                      "fit_seconds": gram_seconds + time.perf_counter() - start})
+            sampler = comfy.samplers.KSAMPLER(olss.sample_olss, extra_options={"coefficients": coefficients})
+            yield f"{method}_b{batch}", method, "calibrated", nfe, sampler, coefficients.sigmas.float()
+
+
 # The pack's methods: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
-METHODS = [trust_region_runs]
+METHODS = [trust_region_runs, olss_runs]
 
 
 def run(models, nfes, cfgs, batch, teacher_steps):
@@ -170,9 +215,16 @@ def main():
     records, teachers = run(args.models, args.nfe, args.cfg, args.batch, args.teacher_steps)
     common.RESULTS.mkdir(exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump({"teachers": teachers, "records": records}, f, indent=1)
+        json.dump({"teachers": teachers, "calibrations": CALIBRATION_COSTS, "records": records}, f, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write(markdown(records, teachers, args.nfe))
+    for method in sorted({r["method"] for r in records} - {"builtin"}):
+        print(f"\n{method} against the best built-in (ratio of RMSE)")
+        ours = best(records, method)
+        for key, r in sorted(best(records).items()):
+            if key in ours:
+                print(f"  {key[0]:18s} cfg {key[1]:g} NFE {key[2]:2d}: {ours[key]['rmse']:.4f} vs {r['rmse']:.4f} "
+                      f"= {ours[key]['rmse'] / r['rmse']:.2f}")
     print(f"\nBest built-in per (model, cfg, NFE) — {len(records)} runs in {time.perf_counter() - start:.0f} s")
     for (model, cfg, nfe), r in sorted(best(records).items()):
         print(f"  {model:18s} cfg {cfg:g} NFE {nfe:2d}: {r['rmse']:.4f}  {r['sampler']}/{r['scheduler']} "

@@ -50,20 +50,23 @@ def _copy_rows(dst, rows, start: int, width: int):
             dst[s, a:b].copy_(row[start + a:start + b])
 
 
-def _anchor_interpolation(n: int, anchors: int) -> tuple[list, torch.Tensor]:
-    """Anchor indices (0, then `anchors` spread evenly over 1..n-1) and C [n, K]: every vector as
-    the linear interpolation, along the index, of its two neighbouring anchors (vector 0 alone)."""
+def _anchor_interpolation(n: int, anchors: int) -> tuple[list, torch.Tensor, list]:
+    """Anchor indices (0, then `anchors` spread evenly over 1..n-1); C [n, K]: every vector as the
+    linear interpolation, along the index, of its two neighbouring anchors (vector 0 alone); and the
+    blocks (rows, columns) of C that are not zero."""
     spread = sorted({round(1 + i * (n - 2) / max(anchors - 1, 1)) for i in range(anchors)} & set(range(1, n)))
     chosen = [0] + spread
     c = torch.zeros(n, len(chosen), dtype=torch.float32)
     c[0, 0] = 1
+    blocks = [(slice(0, 1), slice(0, 1))]
     for k, (lo, hi) in enumerate(zip(spread, spread[1:] + [n])):
-        for j in range(lo, min(hi, n)):
+        for j in range(lo, hi):
             t = (j - lo) / (hi - lo) if hi < n else 0.0
             c[j, 1 + k] = 1 - t
             if t:
                 c[j, 2 + k] = t
-    return chosen, c
+        blocks.append((slice(lo, hi), slice(1 + k, min(3 + k, len(chosen)))))
+    return chosen, c, blocks
 
 
 def gram_matrix(vectors, chunk_bytes: int = 256 << 20, compute_dtype: torch.dtype | None = None,
@@ -93,7 +96,7 @@ def gram_matrix(vectors, chunk_bytes: int = 256 << 20, compute_dtype: torch.dtyp
     residual_gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     buffer = torch.empty(n, chunk, dtype=compute_dtype, device=device)
     if deflate:
-        chosen, interpolation = _anchor_interpolation(n, anchors)
+        chosen, interpolation, nonzero = _anchor_interpolation(n, anchors)
         interpolation = interpolation.to(device, compute_dtype)
         anchor_rows = [flat[k] for k in chosen]
         anchor_buffer = torch.empty(len(chosen), chunk, dtype=compute_dtype, device=device)
@@ -110,7 +113,8 @@ def gram_matrix(vectors, chunk_bytes: int = 256 << 20, compute_dtype: torch.dtyp
             a64 = anchor_buffer64[:, :width]
             _copy_rows(a64, anchor_rows, start, width)
             anchor_gram += a64 @ a64.T
-            rows.addmm_(interpolation, a, alpha=-1)
+            for r, k in nonzero:
+                rows[r].addmm_(interpolation[r, k], a[k], alpha=-1)
             anchor_cross += (a @ rows.T).double()
         for bi in range(blocks):
             left = rows[edges[bi]:edges[bi + 1]]
