@@ -42,6 +42,7 @@ class GaussianMixture:
 
     def __init__(self, seed=1234):
         self.means, self.variances, self.log_weights, self.classes = _mixture(seed)
+        self.mean_sq = (self.means * self.means).sum(1)
 
     def posterior_mean(self, x, a, b, labels=None):
         """E[x0 | a x0 + b n = x] in float64; a, b per sample; labels (-1: unconditional) restrict the mixture."""
@@ -50,7 +51,7 @@ class GaussianMixture:
         a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1)
         b = torch.as_tensor(b, dtype=torch.float64).reshape(-1, 1)
         var = a * a * self.variances[None, :] + b * b                              # [B, K]
-        sq = ((x[:, None, :] - a[:, :, None] * self.means[None]) ** 2).sum(-1)    # [B, K]
+        sq = (x * x).sum(1, keepdim=True) - 2 * a * (x @ self.means.T) + a * a * self.mean_sq[None]  # |x - a mu_k|^2
         logp = self.log_weights[None] - 0.5 * sq / var - 0.5 * x.shape[1] * torch.log(var)
         if labels is not None:
             labels = torch.as_tensor(labels).reshape(-1, 1)
