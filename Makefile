@@ -3,7 +3,7 @@
 SETUP := bash tools/setup_host.sh
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup
+.PHONY: demo test bench bench-generalization setup
 
 setup:
 	@$(SETUP) >/dev/null
@@ -15,4 +15,7 @@ test:
 	@venv=$$($(SETUP)) && cd "$(CURDIR)" && "$$venv/bin/python" -m pytest tests $(PYTEST_ARGS)
 
 bench:
-	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/quality.py
+	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/quality.py $(ARGS)
+
+bench-generalization:
+	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/generalization.py $(ARGS)

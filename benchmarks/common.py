@@ -67,12 +67,14 @@ class Case:
 
     def counted_sample(self, sampler, sigmas):
         """(final latent, guided model evaluations, seconds)."""
-        calls = []
-        model = self.model.clone()
-        model.set_model_sampler_post_cfg_function(lambda args: calls.append(1) or args["denoised"])
+        if getattr(self, "_counted", None) is None:
+            self._calls = []
+            self._counted = self.model.clone()
+            self._counted.set_model_sampler_post_cfg_function(lambda args: self._calls.append(1) or args["denoised"])
+        self._calls.clear()
         start = time.perf_counter()
-        x = self.sample(sampler, sigmas, model)
-        return x, len(calls), time.perf_counter() - start
+        x = self.sample(sampler, sigmas, self._counted)
+        return x, len(self._calls), time.perf_counter() - start
 
     def teacher(self, steps=500):
         sampler = comfy.samplers.KSAMPLER(sample_teacher, extra_options={"schedule": self.schedule})

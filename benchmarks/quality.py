@@ -78,11 +78,12 @@ def trust_region_runs(case, nfe):
             yield label, solver, "trust_region", nfe, comfy.samplers.sampler_object(solver), sigmas
 
 
-CALIBRATION_BATCHES = (8, 32)
+CALIBRATION_BATCHES = [8, 32]
+CALIBRATION_TEACHER_STEPS = [500]
 CALIBRATION_COSTS = []
 
 
-def _calibration(case, teacher_steps=500):
+def _calibration(case):
     """One teacher run per case on calibration seeds (0, ...; never the held-out ones), for the largest
     calibration batch; smaller batches are its first samples (ComfyUI draws the noise sequentially)."""
     if getattr(case, "calibration", None) is None:
@@ -93,7 +94,7 @@ def _calibration(case, teacher_steps=500):
         start = time.perf_counter()
         trajectory = run_teacher(case.model, case.module.conditioning(labels), case.module.null_conditioning(batch),
                                  torch.zeros(1, *case.noise.shape[1:]), 0, case.cfg, case.schedule,
-                                 teacher_sigmas(case.schedule, teacher_steps), batch)
+                                 teacher_sigmas(case.schedule, CALIBRATION_TEACHER_STEPS[0]), batch)
         case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "grams": {}}
     return case.calibration
 
@@ -126,7 +127,7 @@ def olss_runs(case, nfe):
 METHODS = [trust_region_runs, olss_runs]
 
 
-def run(models, nfes, cfgs, batch, teacher_steps):
+def run(models, nfes, cfgs, batch, teacher_steps, save=None):
     evaluations = evaluations_per_interval(max(nfes) + 4)
     records, teachers = [], {}
     for name in models:
@@ -151,6 +152,8 @@ def run(models, nfes, cfgs, batch, teacher_steps):
                     records.append({"model": name, "cfg": cfg, "nfe": nfe, "evaluations": count,
                                     "method": method, "sampler": sampler_name, "scheduler": scheduler,
                                     "steps": steps, "rmse": common.rmse(x, teacher), "seconds": seconds})
+                if save is not None:
+                    save(records, teachers)
     return records, teachers
 
 
@@ -206,18 +209,24 @@ def main():
     parser.add_argument("--cfg", nargs="+", type=float, default=CFGS)
     parser.add_argument("--batch", type=int, default=16, help="held-out samples per model")
     parser.add_argument("--teacher-steps", type=int, default=500)
+    parser.add_argument("--calibration-batches", nargs="+", type=int, default=CALIBRATION_BATCHES)
     parser.add_argument("--quick", action="store_true", help="gmm_eps and digits_flow, guided only")
     parser.add_argument("--out", default=str(common.RESULTS / "quality"))
     args = parser.parse_args()
+    CALIBRATION_BATCHES[:] = args.calibration_batches
+    CALIBRATION_TEACHER_STEPS[:] = [args.teacher_steps]
     if args.quick:
         args.models, args.cfg = ["gmm_eps", "digits_flow"], [3.0]
     start = time.perf_counter()
-    records, teachers = run(args.models, args.nfe, args.cfg, args.batch, args.teacher_steps)
     common.RESULTS.mkdir(exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"teachers": teachers, "calibrations": CALIBRATION_COSTS, "records": records}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(records, teachers, args.nfe))
+
+    def save(records, teachers):         # after every (model, cfg, NFE): a long run keeps what it measured
+        with open(args.out + ".json", "w") as f:
+            json.dump({"teachers": teachers, "calibrations": CALIBRATION_COSTS, "records": records}, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(records, teachers, args.nfe))
+
+    records, teachers = run(args.models, args.nfe, args.cfg, args.batch, args.teacher_steps, save)
     for method in sorted({r["method"] for r in records} - {"builtin"}):
         print(f"\n{method} against the best built-in (ratio of RMSE)")
         ours = best(records, method)

@@ -1,0 +1,49 @@
+"""Does a calibration fitted on one prompt (class) carry over to others?
+
+For each trained digits model, guided: OLSS fitted on a teacher whose calibration noises all carry
+class 3, against OLSS fitted on noises spread over all ten classes; both sampled on held-out seeds of
+all ten classes. Prints the held-out RMSE of each and their ratio (the target: at most 1.5).
+
+    make bench-generalization
+"""
+import argparse
+
+import common
+import comfy.samplers
+import torch
+from calibrated_samplers.nodes.calibration import run_teacher
+from calibrated_samplers.optimizers import olss
+from calibrated_samplers.optimizers.teacher import teacher_sigmas
+
+
+def fitted(case, labels, nfe, teacher_steps):
+    trajectory = run_teacher(case.model, case.module.conditioning(labels), case.module.null_conditioning(len(labels)),
+                             torch.zeros(1, *case.noise.shape[1:]), 0, case.cfg, case.schedule,
+                             teacher_sigmas(case.schedule, teacher_steps), len(labels))
+    gram = olss.trajectory_gram(trajectory, case.schedule)
+    return {n: olss.fit_olss(gram, olss.search_path(gram, n)) for n in nfe}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["digits_eps", "digits_flow"])
+    parser.add_argument("--nfe", nargs="+", type=int, default=[5, 8])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--teacher-steps", type=int, default=500)
+    args = parser.parse_args()
+    print("| model | NFE | OLSS fitted on class 3 | OLSS fitted on all classes | ratio |\n|---|---|---|---|---|")
+    for name in args.models:
+        case = common.Case.make(name, 3.0, 20)
+        teacher = case.teacher(args.teacher_steps)
+        one = fitted(case, torch.full((args.batch,), 3), args.nfe, args.teacher_steps)
+        every = fitted(case, torch.arange(args.batch) % 10, args.nfe, args.teacher_steps)
+        for n in args.nfe:
+            errors = []
+            for coefficients in (one[n], every[n]):
+                sampler = comfy.samplers.KSAMPLER(olss.sample_olss, extra_options={"coefficients": coefficients})
+                errors.append(common.rmse(case.sample(sampler, coefficients.sigmas.float()), teacher))
+            print(f"| {name} | {n} | {errors[0]:.4f} | {errors[1]:.4f} | {errors[0] / errors[1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
