@@ -59,7 +59,12 @@ class Case:
         return self.model.get_model_object("model_sampling")
 
     def sample(self, sampler, sigmas, model=None):
-        """Final latent of ComfyUI's own sampling call (SamplerCustom's path) with this case's noise."""
+        """Final latent of ComfyUI's own sampling call (SamplerCustom's path) with this case's noise,
+        under inference mode as ComfyUI runs its nodes."""
+        with torch.inference_mode():
+            return self._sample(sampler, sigmas, model)
+
+    def _sample(self, sampler, sigmas, model):
         return comfy.sample.sample_custom(
             model or self.model, self.noise, self.cfg, sampler, sigmas,
             self.module.conditioning(self.labels), self.module.null_conditioning(len(self.labels)),

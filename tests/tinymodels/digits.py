@@ -16,9 +16,11 @@ under the key `class_embedding`. The two models were trained jointly on one shar
 
 Import comfy only after the host is set up (tests/conftest.py does this; train_digits.py too).
 """
+import os
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -92,9 +94,6 @@ def new_class_embedding(seed=0):
 
 def save_weights(path, diffusion_state_dict, class_embedding, dtype=torch.float16):
     """Atomic write: the UNet state dict plus the class-embedding table in one safetensors file."""
-    import os
-    import safetensors.torch
-
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in diffusion_state_dict.items()}
     tensors[EMBEDDING_KEY] = class_embedding.detach().to(dtype).contiguous()
     path = Path(path)
@@ -106,8 +105,6 @@ def save_weights(path, diffusion_state_dict, class_embedding, dtype=torch.float1
 
 def load_weights(kind):
     """(diffusion_model state dict, class embedding), both float32."""
-    import safetensors.torch
-
     tensors = {k: v.float() for k, v in safetensors.torch.load_file(str(weights_path(kind))).items()}
     embedding = tensors.pop(EMBEDDING_KEY)
     return tensors, embedding
