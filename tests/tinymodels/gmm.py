@@ -11,7 +11,12 @@ b = sigma; flow models: a = 1 - sigma, b = sigma) the posterior mean is exact:
 converts sigma to a timestep and converts our output to a denoised prediction with its own
 model_sampling code, exactly as for a real checkpoint; the network undoes the input scaling with
 the same model_sampling and returns whatever output (eps, v or flow velocity) makes ComfyUI's
-`calculate_denoised` produce the exact posterior mean. The context selects the class: a one-hot
+`calculate_denoised` produce the exact posterior mean. Like ComfyUI's own nets it runs
+DIFFUSION_MODEL wrappers around its forward, and it believes the noise level its timestep input
+stands for: the call's sigma when the timestep is ComfyUI's `timestep(sigma)` of it, otherwise the
+sigma whose timestep it is (discrete EPS/V: `model_sampling.sigma(t)`; discrete flow:
+`t / multiplier`), for the input un-scaling, the posterior and the output alike (so a tuned time
+input acts as it would on a trained net). The context selects the class: a one-hot
 row (first NUM_CLASSES entries) conditions on that class, an all-zero row is unconditional.
 """
 import math
@@ -91,10 +96,28 @@ class GaussianMixtureNet(torch.nn.Module):
         self.register_buffer("anchor", torch.zeros(1, dtype=dtype), persistent=False)
 
     def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+        # like ComfyUI's own nets: DIFFUSION_MODEL wrappers (comfy.patcher_extension) run around _forward
+        import comfy.patcher_extension as pe
+        return pe.WrapperExecutor.new_class_executor(
+            self._forward, self, pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, transformer_options)
+        ).execute(xc, timesteps, context, transformer_options, **kwargs)
+
+    def noise_level(self, timesteps, sigmas):
+        """The sigma per row that `timesteps` stands for: the call's sigmas when timesteps is their
+        timestep (as ComfyUI computes it), else the sigma whose timestep it is."""
         ms = self.model_sampling
-        s = transformer_options["sigmas"].to(torch.float64)
+        if torch.equal(timesteps, ms.timestep(sigmas).float().to(timesteps.dtype)):
+            return sigmas.to(torch.float64)
+        if self.family == "flow":                     # discrete flow: timestep(sigma) = sigma * multiplier
+            return (timesteps.to(torch.float64) / ms.multiplier).clamp(0, 1)
+        return ms.sigma(timesteps.float()).to(torch.float64)
+
+    def _forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+        ms = self.model_sampling
+        s = transformer_options["sigmas"]
         if len(s) != len(xc):           # cond and uncond chunks are stacked: one sigma per chunk row
             s = s.repeat(len(xc) // len(s))
+        s = self.noise_level(timesteps.reshape(-1), s)
         ones = torch.ones_like(xc, dtype=torch.float64)
         x = xc.double() / ms.calculate_input(s, ones)                  # ComfyUI's state x_c
         a = 1 - s if self.family == "flow" else torch.ones_like(s)
