@@ -79,6 +79,23 @@ class Trajectory:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states + self.denoised)
 
+    def state_at(self, schedule: NoiseSchedule, sigma: float) -> torch.Tensor:
+        """The teacher's state (float32) at any sigma of its range: a recorded state, the final latent at
+        sigma 0, or else one DPM-Solver++(2M) step (as the run itself takes) from the nearest recorded
+        state above sigma, accurate to the teacher's own order."""
+        sigma = float(sigma)
+        grid = self.sigmas.double()
+        if sigma == 0:
+            return self.final.float()
+        if not 0 < sigma <= float(grid[0]) * (1 + 1e-6):
+            raise ValueError(f"sigma {sigma:.4g} is outside the teacher's range (0, {float(grid[0]):.4g}]")
+        j = int(torch.nonzero(grid[:-1] >= sigma * (1 - 1e-7)).max())
+        if math.isclose(float(grid[j]), sigma, rel_tol=1e-6):
+            return self.states[j].float()
+        a, b, c = step_coefficients(schedule, [*grid[max(0, j - 1):j + 1].tolist(), sigma])[-1]
+        x = a * self.states[j].float() + b * self.denoised[j].float()
+        return x + c * self.denoised[j - 1].float() if c else x
+
 
 def step_coefficients(schedule: NoiseSchedule, sigmas) -> list[tuple[float, float, float]]:
     """(a_i, b_i, c_i) of every teacher step: x_{i+1} = a_i x_i + b_i D_i + c_i D_{i-1}.

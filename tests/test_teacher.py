@@ -100,3 +100,25 @@ def test_teacher_grid_through_student_sigmas(family):
         assert torch.isclose(sigmas, s.float(), rtol=1e-6, atol=0).any(), float(s)
     with pytest.raises(ValueError, match="decreasing"):
         teacher_sigmas(schedule, 100, through=student.flip(0))
+
+
+def test_state_at_between_teacher_steps():
+    """A coarse teacher's state_at lands on a fine teacher's states: recorded, between steps, and at 0."""
+    model = gmm.build_model("eps")
+    schedule = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
+    noise = torch.randn(4, *gmm.LATENT_SHAPE, generator=torch.Generator().manual_seed(5))
+    fine_sigmas = teacher_sigmas(schedule, 400)
+    fine, coarse = Trajectory(fine_sigmas), Trajectory(fine_sigmas[::2].contiguous())
+    for trajectory in (fine, coarse):
+        sampler = comfy.samplers.KSAMPLER(sample_teacher, extra_options={"schedule": schedule,
+                                                                         "trajectory": trajectory})
+        comfy.sample.sample_custom(model, noise, 2.0, sampler, trajectory.sigmas, gmm.conditioning([3]),
+                                   gmm.null_conditioning(), torch.zeros_like(noise), disable_pbar=True, seed=0)
+    assert torch.equal(coarse.state_at(schedule, coarse.sigmas[10]), coarse.states[10].float())
+    assert torch.equal(coarse.state_at(schedule, 0.0), coarse.final)
+    for k in (21, 151, 301):       # odd fine indices lie between coarse steps
+        between = coarse.state_at(schedule, fine.sigmas[k])
+        nearest = coarse.states[(k - 1) // 2].float()
+        assert (between - fine.states[k]).abs().max() < 0.1 * (nearest - fine.states[k]).abs().max()
+    with pytest.raises(ValueError, match="outside"):
+        coarse.state_at(schedule, float(fine_sigmas[0]) * 2)
