@@ -1,8 +1,8 @@
 """The demo (`make demo`): the pack's main job on the bundled tiny digits models, inside real ComfyUI.
 
 For each trained model (EPS and flow), with guidance: calibrate once (a teacher run on calibration
-noises), then sample 10 held-out seeds at 5 model evaluations with OLSS, OLSS-P, the trust-region
-schedule and the best of a shortlist of strong built-in sampler/scheduler pairs (`make bench` searches
+noises), then sample 10 held-out seeds at 5 model evaluations with OLSS, OLSS-P, IIA-DDIM, IIA-Heun,
+TimeTuner on dpmpp_2m, the trust-region schedule and the best of a shortlist of strong built-in sampler/scheduler pairs (`make bench` searches
 them all), and compare each to the teacher run from the same noise. Writes out/demo/grid.png and
 out/demo/results.md and prints where they are. A few minutes on a laptop CPU.
 """
@@ -17,10 +17,11 @@ import comfy.samplers
 import folder_paths
 import torch
 from PIL import Image, ImageDraw
-from calibrated_samplers.nodes.calibration import CalibrateSampler, checked_sampler, olss_coefficients
+from calibrated_samplers.nodes.calibration import CalibrateSampler, checked_sampler, method_sigmas
 from calibrated_samplers.nodes.trust_region import trust_region_sigmas
 OUT = Path(__file__).resolve().parents[1] / "out" / "demo"
 NFE, CFG, SHOWN = 5, 3.0, 10
+SCHEDULER, TIMETUNER_BASE = "beta", "dpmpp_2m"
 SHORTLIST = [(s, k) for s in ("dpmpp_2m", "uni_pc", "ipndm", "deis") for k in ("karras", "beta", "kl_optimal", "normal")]
 
 
@@ -41,20 +42,27 @@ def rows_for(name, teacher_steps, batch):
     teacher = case.teacher(teacher_steps)
     rows = [(f"teacher ({teacher_steps} steps)", 0.0, time.perf_counter() - start, teacher)]
     calibration_labels = torch.arange(batch) % 10
+    positive = case.module.conditioning(calibration_labels)
+    negative = case.module.null_conditioning(batch)
+    empty = {"samples": torch.zeros(1, 4, 8, 8)}
     start = time.perf_counter()
-    calibration = CalibrateSampler.execute(
-        case.model, case.module.conditioning(calibration_labels), case.module.null_conditioning(batch),
-        {"samples": torch.zeros(1, 4, 8, 8)}, 0, CFG, NFE, teacher_steps, batch, "all").result[0]
+    # every method at NFE steps; the Heun forms take two evaluations per step, so (NFE + 1) // 2 steps
+    calibration = CalibrateSampler.execute(case.model, positive, negative, empty, 0, CFG, NFE, teacher_steps, batch,
+                                           "all", scheduler=SCHEDULER, sampler_name=TIMETUNER_BASE).result[0]
+    heun = CalibrateSampler.execute(case.model, positive, negative, empty, 0, CFG, (NFE + 1) // 2, teacher_steps,
+                                    batch, "iia_heun", scheduler=SCHEDULER).result[0]
     calibrate_seconds = time.perf_counter() - start
     err, label, x = best_builtin(case, teacher)
     rows.append((f"best built-in: {label}", err, None, x))
     sigmas = trust_region_sigmas(case.model_sampling, NFE, "uni_pc", "uniform_t", 2.0)
     x = case.sample(comfy.samplers.sampler_object("uni_pc"), sigmas)
     rows.append(("trust-region sigmas + uni_pc", common.rmse(x, teacher), None, x))
-    for method in ("olss_p", "olss"):
-        sigmas = olss_coefficients(calibration, method).sigmas
-        x = case.sample(checked_sampler(calibration, method), sigmas)
-        rows.append((method.upper().replace("_", "-"), common.rmse(x, teacher), None, x))
+    shown = [(calibration, "olss_p", "OLSS-P"), (calibration, "olss", "OLSS"),
+             (calibration, "iia_ddim", f"IIA-DDIM ({SCHEDULER})"), (heun, "iia_heun", f"IIA-Heun ({SCHEDULER})"),
+             (calibration, "timetuner", f"TimeTuner on {TIMETUNER_BASE} ({SCHEDULER})")]
+    for record, method, label in shown:
+        x = case.sample(checked_sampler(record, method), method_sigmas(record, method))
+        rows.append((label, common.rmse(x, teacher), None, x))
     return case, rows, calibrate_seconds
 
 

@@ -11,16 +11,15 @@ import argparse
 import common
 import comfy.samplers
 import torch
-from calibrated_samplers.nodes.calibration import run_teacher
+from calibrated_samplers.nodes.calibration import request
 from calibrated_samplers.optimizers import olss
-from calibrated_samplers.optimizers.teacher import teacher_sigmas
 
 
 def fitted(case, labels, nfe, teacher_steps):
-    trajectory = run_teacher(case.model, case.module.conditioning(labels), case.module.null_conditioning(len(labels)),
-                             torch.zeros(1, *case.noise.shape[1:]), 0, case.cfg, case.schedule,
-                             teacher_sigmas(case.schedule, teacher_steps), len(labels))
-    gram = olss.trajectory_gram(trajectory, case.schedule)
+    _, _, _, run = request(case.model, torch.zeros(1, *case.noise.shape[1:]), case.cfg, max(nfe), teacher_steps,
+                           len(labels), "olss", 0)
+    run.positive, run.negative = case.module.conditioning(labels), case.module.null_conditioning(len(labels))
+    gram = run.gram[0]
     return {n: olss.fit_olss(gram, olss.search_path(gram, n)) for n in nfe}
 
 

@@ -81,50 +81,78 @@ def trust_region_runs(case, nfe):
 CALIBRATION_BATCHES = [8, 32]
 CALIBRATION_TEACHER_STEPS = [500]
 CALIBRATION_COSTS = []
+CALIBRATED_SCHEDULERS = ["karras", "beta", "simple", "kl_optimal"]    # IIA and TimeTuner keep the schedule
+TIMETUNER_BASES = ["ddim", "dpmpp_2m", "uni_pc"]
+PLAIN = {"iia_ddim": "ddim", "biia_heun": "heun", "iia_heun": "heun"}   # and timetuner(X): X
 
 
-def _calibration(case):
+def _teacher(case):
     """One teacher run per case on calibration seeds (0, ...; never the held-out ones), for the largest
     calibration batch; smaller batches are its first samples (ComfyUI draws the noise sequentially)."""
     if getattr(case, "calibration", None) is None:
-        from calibrated_samplers.nodes.calibration import run_teacher
-        from calibrated_samplers.optimizers.teacher import teacher_sigmas
-        batch = max(CALIBRATION_BATCHES)
-        labels = torch.arange(batch) % 10
+        run = _request(case, max(CALIBRATION_BATCHES), 1)
         start = time.perf_counter()
-        trajectory = run_teacher(case.model, case.module.conditioning(labels), case.module.null_conditioning(batch),
-                                 torch.zeros(1, *case.noise.shape[1:]), 0, case.cfg, case.schedule,
-                                 teacher_sigmas(case.schedule, CALIBRATION_TEACHER_STEPS[0]), batch)
+        trajectory = run.trajectory
         case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "grams": {}}
     return case.calibration
 
 
-def olss_runs(case, nfe):
-    """OLSS and OLSS-P fitted on calibration batches of 8 and 32 noises, sampled on the held-out ones."""
-    from calibrated_samplers.optimizers import olss
+def _request(case, batch, steps, scheduler="karras", sampler_name="euler"):
+    """The node's own CalibrationRun for this case (calibration labels 0..9 repeated)."""
+    from calibrated_samplers.nodes.calibration import request
+    labels = torch.arange(batch) % 10
+    _, _, _, run = request(case.model, torch.zeros(1, *case.noise.shape[1:]), case.cfg, steps,
+                           CALIBRATION_TEACHER_STEPS[0], batch, "all", 0, scheduler=scheduler,
+                           sampler_name=sampler_name)
+    run.positive, run.negative = case.module.conditioning(labels), case.module.null_conditioning(batch)
+    return run
+
+
+def _calibration_run(case, batch, steps, scheduler="karras", sampler_name="euler"):
+    """A CalibrationRun sharing the case's teacher (its first `batch` samples) and Gram matrices."""
     from calibrated_samplers.optimizers.teacher import Trajectory
-    calibration = _calibration(case)
+    calibration = _teacher(case)
     full = calibration["trajectory"]
+    run = _request(case, batch, steps, scheduler, sampler_name)
+    run._trajectory = Trajectory(full.sigmas, full.store_dtype, [x[:batch] for x in full.states],
+                                 [d[:batch] for d in full.denoised], full.final[:batch])
+    run.teacher_seconds = calibration["teacher_seconds"]
+    if batch in calibration["grams"]:
+        run._gram = calibration["grams"][batch]
+    return run
+
+
+def calibrated_runs(case, nfe):
+    """OLSS, OLSS-P, IIA (three variants) and TimeTuner (on several samplers), fitted by the nodes' own code
+    on calibration batches, sampled on the held-out noise. IIA and TimeTuner on each scheduler of
+    CALIBRATED_SCHEDULERS, Heun forms with (nfe + 1) // 2 steps (2 evaluations per step but the last)."""
+    from calibrated_samplers.nodes.methods import METHODS
     for batch in CALIBRATION_BATCHES:
-        if batch not in calibration["grams"]:
-            part = Trajectory(full.sigmas, full.store_dtype, [x[:batch] for x in full.states],
-                              [d[:batch] for d in full.denoised], full.final[:batch])
+        jobs = [(m, nfe, "karras", "euler") for m in ("olss", "olss_p")]
+        for scheduler in CALIBRATED_SCHEDULERS:
+            jobs += [("iia_ddim", nfe, scheduler, "euler"), ("biia_heun", (nfe + 1) // 2, scheduler, "euler"),
+                     ("iia_heun", (nfe + 1) // 2, scheduler, "euler")]
+            jobs += [("timetuner", nfe, scheduler, base) for base in TIMETUNER_BASES]
+        for method, steps, scheduler, base in jobs:
+            run = _calibration_run(case, batch, steps, scheduler, base)
             start = time.perf_counter()
-            calibration["grams"][batch] = (olss.trajectory_gram(part, case.schedule), time.perf_counter() - start)
-        gram, gram_seconds = calibration["grams"][batch]
-        for method in ("olss", "olss_p"):
-            start = time.perf_counter()
-            path = olss.search_path(gram, nfe) if method == "olss" else olss.uniform_path(gram.teacher_steps, nfe)
-            coefficients = olss.fit_olss(gram, path)
+            tensors, diagnostics = METHODS[method].fit(run, method)
+            if method.startswith("olss"):
+                _teacher(case)["grams"][batch] = run.gram
             CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": method,
-                                      "batch": batch, "teacher_seconds": calibration["teacher_seconds"],
-                                      "fit_seconds": gram_seconds + time.perf_counter() - start})
-            sampler = comfy.samplers.KSAMPLER(olss.sample_olss, extra_options={"coefficients": coefficients})
-            yield f"{method}_b{batch}", method, "calibrated", nfe, sampler, coefficients.sigmas.float()
+                                      "scheduler": scheduler, "sampler": base, "batch": batch, "steps": steps,
+                                      "teacher_seconds": run.teacher_seconds,
+                                      "fit_seconds": time.perf_counter() - start,
+                                      "evaluations": diagnostics.get("evaluations", 0)})
+            function, options = METHODS[method].sampler(tensors, {"sampler_name": base}, case.schedule)
+            sampler = comfy.samplers.KSAMPLER(function, extra_options=options)
+            name = f"timetuner({base})" if method == "timetuner" else method
+            label = "calibrated" if method.startswith("olss") else scheduler
+            yield f"{method}_b{batch}", name, label, steps, sampler, tensors["sigmas"]
 
 
 # The pack's methods: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
-METHODS = [trust_region_runs, olss_runs]
+METHODS = [trust_region_runs, calibrated_runs]
 
 
 def run(models, nfes, cfgs, batch, teacher_steps, save=None):
@@ -167,6 +195,26 @@ def best(records, method="builtin"):
     return out
 
 
+def plain_of(sampler):
+    """The built-in sampler a calibrated one corrects (same sigmas), or None."""
+    if sampler.startswith("timetuner("):
+        return sampler[len("timetuner("):-1]
+    return PLAIN.get(sampler)
+
+
+def paired(records):
+    """[(calibrated record, plain built-in record on the same sigmas)] for IIA and TimeTuner."""
+    plain = {(r["model"], r["cfg"], r["nfe"], r["sampler"], r["scheduler"]): r for r in records
+             if r["method"] == "builtin"}
+    out = []
+    for r in records:
+        base = plain_of(r["sampler"]) if r["method"] != "builtin" else None
+        key = (r["model"], r["cfg"], r["nfe"], base, r["scheduler"])
+        if base is not None and key in plain:
+            out.append((r, plain[key]))
+    return out
+
+
 def markdown(records, teachers, nfes):
     lines = ["# Quality benchmark", "",
              "RMSE of the final latent against the teacher (DPM-Solver++(2M), uniform in lambda) on held-out "
@@ -185,6 +233,14 @@ def markdown(records, teachers, nfes):
             r = bests[m].get(key)
             cells.append("" if r is None else f"{r['rmse']:.4f} ({r['sampler']}/{r['scheduler']}, {r['evaluations']})")
         lines.append(f"| {key[0]} | {key[1]:g} | {key[2]} | " + " | ".join(cells) + " |")
+    pairs = paired(records)
+    if pairs:
+        lines += ["", "## IIA and TimeTuner against their plain solver on the same sigmas", "",
+                  "| model | cfg | NFE | method | scheduler | calibrated | plain | ratio |", "|---|---|---|---|---|---|---|---|"]
+        for r, p in sorted(pairs, key=lambda rp: (rp[0]["model"], rp[0]["cfg"], rp[0]["nfe"], rp[0]["method"],
+                                                  rp[0]["sampler"], rp[0]["scheduler"])):
+            lines.append(f"| {r['model']} | {r['cfg']:g} | {r['nfe']} | {r['method']} {r['sampler']} | "
+                         f"{r['scheduler']} | {r['rmse']:.4f} | {p['rmse']:.4f} | {r['rmse'] / p['rmse']:.2f} |")
     lines += ["", "## Every built-in sampler at its best scheduler", ""]
     per = defaultdict(dict)
     for r in records:
@@ -234,6 +290,15 @@ def main():
             if key in ours:
                 print(f"  {key[0]:18s} cfg {key[1]:g} NFE {key[2]:2d}: {ours[key]['rmse']:.4f} vs {r['rmse']:.4f} "
                       f"= {ours[key]['rmse'] / r['rmse']:.2f}")
+    by_setting = defaultdict(list)
+    for r, p in paired(records):
+        by_setting[(r["model"], r["cfg"], r["nfe"], r["method"], r["sampler"])].append(r["rmse"] / p["rmse"])
+    if by_setting:
+        print("\nIIA / TimeTuner against the plain solver on the same sigmas (ratio of RMSE per scheduler: "
+              + ", ".join(CALIBRATED_SCHEDULERS) + ")")
+        for (model, cfg, nfe, method, sampler), ratios in sorted(by_setting.items()):
+            print(f"  {model:12s} cfg {cfg:g} NFE {nfe:2d} {method:16s} {sampler:20s} "
+                  + " ".join(f"{v:.2f}" for v in ratios))
     print(f"\nBest built-in per (model, cfg, NFE) — {len(records)} runs in {time.perf_counter() - start:.0f} s")
     for (model, cfg, nfe), r in sorted(best(records).items()):
         print(f"  {model:18s} cfg {cfg:g} NFE {nfe:2d}: {r['rmse']:.4f}  {r['sampler']}/{r['scheduler']} "

@@ -3,12 +3,13 @@ from comfy_api.latest import ComfyExtension, io
 
 CATEGORY = "sampling/calibrated_samplers"
 
-from .calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration, OLSSSampler  # noqa: E402
+from .calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration  # noqa: E402
 from .ksampler import CalibratedKSampler  # noqa: E402
+from .samplers import IIASampler, OLSSSampler, TimeTunerSampler  # noqa: E402
 from .trust_region import TrustRegionStepsScheduler  # noqa: E402
 
-NODES: list[type[io.ComfyNode]] = [CalibrateSampler, CalibratedKSampler, LoadCalibration, OLSSSampler,
-                                   CalibrationSigmas, TrustRegionStepsScheduler]
+NODES: list[type[io.ComfyNode]] = [CalibrateSampler, CalibratedKSampler, LoadCalibration, OLSSSampler, IIASampler,
+                                   TimeTunerSampler, CalibrationSigmas, TrustRegionStepsScheduler]
 
 
 class CalibratedSamplersExtension(ComfyExtension):

@@ -1,35 +1,32 @@
-"""Calibrate once, sample in few steps: CalibrateSampler, LoadCalibration, OLSSSampler, CalibrationSigmas.
+"""Calibrate once, sample in few steps: CalibrateSampler, LoadCalibration, CalibrationSigmas, and the
+checked samplers every calibrated node uses.
 
-The teacher runs inside ComfyUI's own sampling call (comfy.sample.sample_custom with our teacher as a
-KSAMPLER), so conditioning, CFG, model patches, model management, the progress bar, latent previews
-and Cancel behave exactly as in normal sampling.
+The teacher and every fit run inside ComfyUI's own sampling call (see `methods.CalibrationRun`), so
+conditioning, CFG, model patches, model management, the progress bar, latent previews and Cancel
+behave exactly as in normal sampling.
 """
 import hashlib
 import logging
 import os
-import time
 
 import torch
 
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-import comfy.utils
 import folder_paths
-import latent_preview
 from comfy_api.latest import io
 
 from .. import calibration_cache as store
-from ..optimizers import olss
 from ..optimizers.calibration import Calibration, calibration_key
 from ..optimizers.coordinates import NoiseSchedule
-from ..optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
 from . import CATEGORY
+from .methods import IIA_SUBSTEPS, METHODS, TIMETUNER_BASES, CalibrationRun, ksampler_sigmas
 
 FOLDER = "calibrations"
-METHODS = ("olss", "olss_p")
 CalibrationType = io.Custom("CALIBRATION")
 TEACHER_SOLVER = "dpmpp_2m_lambda"
+FIXED_SCHEDULE = ("iia_ddim", "biia_heun", "iia_heun", "timetuner")     # sample on the scheduler's sigmas
 
 
 def _register_folder():
@@ -103,111 +100,124 @@ def _check_sigmas(sigmas, schedule):
     return s
 
 
-def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method, seed, sigmas=None):
-    """(key, fingerprint, schedule, teacher settings, fixed sigmas) of a calibration request, validated."""
+def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method, seed, sigmas=None,
+            scheduler="karras", sampler_name="euler", iia_substeps=IIA_SUBSTEPS):
+    """(key, fingerprint, settings, CalibrationRun) of a calibration request, validated; `latent` is
+    [B, C, H, W]. `settings` (JSON-able) is everything besides the model that the fits depend on."""
     ms = model.get_model_object("model_sampling")
     schedule = NoiseSchedule.from_model_sampling(ms)
     methods = list(METHODS) if method == "all" else [method]
     if any(m not in METHODS for m in methods):
         raise ValueError(f"method {method!r}: expected 'all' or one of {', '.join(METHODS)}")
-    fixed = None
-    if sigmas is not None:
-        fixed = _check_sigmas(sigmas, schedule)
-        if len(fixed) - 1 != steps:
-            raise ValueError(f"sigmas: {len(fixed) - 1} steps given, but steps is {steps}; make them agree")
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    if steps > teacher_steps // 2:
+    fixed = sigmas is not None
+    if fixed:
+        student = _check_sigmas(sigmas, schedule)
+        if len(student) - 1 != steps:
+            raise ValueError(f"sigmas: {len(student) - 1} steps given, but steps is {steps}; make them agree")
+    else:
+        if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+            raise ValueError(f"scheduler {scheduler!r}: expected one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
+        student = ksampler_sigmas(ms, scheduler, steps).double()
+    if any(METHODS[m].needs_teacher for m in methods) and steps > teacher_steps // 2:
         raise ValueError(f"steps {steps} is too many for a {teacher_steps}-step teacher: use at most "
                          f"{teacher_steps // 2} steps, or raise teacher_steps to {2 * steps} or more")
-    teacher = {"steps": int(teacher_steps), "solver": TEACHER_SOLVER, "seed": int(seed),
-               "batch": int(calibration_batch), "methods": methods,
-               "fixed_sigmas": None if fixed is None else [round(float(v), 6) for v in fixed]}
+    if "timetuner" in methods and sampler_name not in TIMETUNER_BASES:
+        raise ValueError(f"sampler_name {sampler_name!r}: TimeTuner needs a deterministic sampler, one of "
+                         f"{', '.join(TIMETUNER_BASES)}")
+    if iia_substeps < 2:
+        raise ValueError(f"iia_substeps {iia_substeps}: the fine target needs at least 2 sub-steps")
+    settings = {"steps": int(teacher_steps), "solver": TEACHER_SOLVER, "seed": int(seed),
+                "batch": int(calibration_batch), "methods": methods,
+                "fixed_sigmas": [round(float(v), 6) for v in student] if fixed else None}
+    if not fixed and any(m in FIXED_SCHEDULE for m in methods):
+        settings["scheduler"] = scheduler
+    if "timetuner" in methods:
+        settings["sampler_name"] = sampler_name
+    if any(m.startswith(("iia", "biia")) for m in methods):
+        settings["iia_substeps"] = int(iia_substeps)
     fingerprint = model_fingerprint(model)
-    key = calibration_key(schedule.family, fingerprint, steps, cfg, latent.shape[1:], teacher)
-    return key, fingerprint, schedule, teacher, fixed
+    key = calibration_key(schedule.family, fingerprint, steps, cfg, latent.shape[1:], settings)
+    run = CalibrationRun(model=model, positive=None, negative=None, latent=latent[:1], seed=int(seed), cfg=float(cfg),
+                         batch=int(calibration_batch), schedule=schedule, steps=int(steps), sigmas=student,
+                         fixed=fixed, scheduler=scheduler, sampler_name=sampler_name,
+                         teacher_steps=int(teacher_steps), iia_substeps=int(iia_substeps))
+    return key, fingerprint, settings, run
 
 
-def run_teacher(model, positive, negative, latent, seed, cfg, schedule, sigmas, calibration_batch):
-    """The teacher from `calibration_batch` noises drawn from `seed`, inside ComfyUI's sampling call."""
-    latent = latent[:1].repeat(calibration_batch, *[1] * (latent.ndim - 1))
-    noise = comfy.sample.prepare_noise(latent, seed)
-    trajectory = Trajectory.for_budget(sigmas, latent.numel())
-    sampler = comfy.samplers.KSAMPLER(sample_teacher, extra_options={"schedule": schedule, "trajectory": trajectory})
-    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-    comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent, callback=callback,
-                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    for i, d in enumerate(trajectory.denoised):
-        if not torch.isfinite(d).all():
-            raise ValueError(f"the model returned NaN or inf during calibration (teacher step {i}, sigma "
-                             f"{float(sigmas[i]):.4g}): nothing was stored; check the model and its patches")
-    return trajectory
-
-
-def fit(trajectory, schedule, steps, methods, fixed):
-    """{method: fit tensors}, {method: diagnostics} from one teacher run."""
-    fits, diagnostics = {}, {}
-    start = time.perf_counter()
-    gram = olss.trajectory_gram(trajectory, schedule)
-    gram_seconds = time.perf_counter() - start
-    for method in methods:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        start = time.perf_counter()
-        if fixed is not None:
-            path = [int(torch.argmin((trajectory.sigmas.double() - s).abs())) for s in fixed[:-1]]
-        elif method == "olss":
-            path = olss.search_path(gram, steps)
-        else:
-            path = olss.uniform_path(gram.teacher_steps, steps)
-        coefficients = olss.fit_olss(gram, path)
-        fits[method] = olss_tensors(coefficients)
-        diagnostics[method] = {"step_error": [float(e) for e in coefficients.errors],
-                               "fit_seconds": time.perf_counter() - start + gram_seconds}
-    return fits, diagnostics
-
-
-def olss_tensors(c):
-    return {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
-            "weights_x": c.weights_x.double(), "weights_d": c.weights_d.double(), "errors": c.errors.double()}
-
-
-def olss_coefficients(calibration, method):
-    if method not in calibration.fits:
-        raise ValueError(f"this calibration holds {', '.join(calibration.methods)}, not {method}: "
-                         f"calibrate with method '{method}' or 'all'")
-    t = calibration.fits[method]
-    return olss.OLSSCoefficients(tuple(int(i) for i in t["path"]), t["sigmas"], t["weights_x"], t["weights_d"],
-                                 t["errors"])
+def stored(key):
+    """The stored calibration with this key in any calibrations folder, or None."""
+    for path in folder_paths.get_folder_paths(FOLDER):
+        found = store.find(path, key)
+        if found is not None:
+            return found
+    return None
 
 
 def calibrate(model, positive, negative, latent_image, seed, cfg, steps, teacher_steps, calibration_batch,
-              method="all", sigmas=None, refit=False):
-    """(Calibration, teacher final latent or None when reused from the cache)."""
+              method="all", sigmas=None, refit=False, scheduler="karras", sampler_name="euler",
+              iia_substeps=IIA_SUBSTEPS):
+    """(Calibration, teacher final latent or None when there was no teacher run or it was reused)."""
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-    key, fingerprint, schedule, teacher, fixed = request(model, latent, cfg, steps, teacher_steps, calibration_batch,
-                                            method, seed, sigmas)
-    folder = write_folder()
+    key, fingerprint, settings, run = request(model, latent, cfg, steps, teacher_steps, calibration_batch, method,
+                                              seed, sigmas, scheduler, sampler_name, iia_substeps)
     if not refit:
-        for path in folder_paths.get_folder_paths(FOLDER):
-            found = store.find(path, key)
-            if found is not None:
-                logging.info("Calibrated Samplers: reusing stored calibration %s", key)
-                return found, None
-    grid = teacher_sigmas(schedule, teacher_steps, through=fixed)
-    start = time.perf_counter()
-    trajectory = run_teacher(model, positive, negative, latent, seed, cfg, schedule, grid, calibration_batch)
-    teacher["seconds"] = round(time.perf_counter() - start, 3)
-    fits, diagnostics = fit(trajectory, schedule, steps, teacher["methods"], fixed)
-    student = fixed if fixed is not None else fits["olss" if "olss" in fits else teacher["methods"][0]]["sigmas"]
-    calibration = Calibration(family=schedule.family, fingerprint=fingerprint,
-                              sigmas=student.float(), cfg=float(cfg), latent_shape=tuple(latent.shape[1:]),
-                              teacher={k: v for k, v in teacher.items() if k != "seconds"}, fits=fits,
-                              diagnostics={**diagnostics, "teacher_seconds": teacher["seconds"]})
-    store.save(calibration, folder, f"{schedule.family}-{steps}steps-cfg{cfg:g}-{key}")
-    return calibration, trajectory.final
+        found = stored(key)
+        if found is not None:
+            logging.info("Calibrated Samplers: reusing stored calibration %s", key)
+            return found, None
+    run.positive, run.negative = positive, negative
+    fits, diagnostics = {}, {}
+    for name in settings["methods"]:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        fits[name], diagnostics[name] = METHODS[name].fit(run, name)
+    if run._trajectory is not None:
+        diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
+    calibration = Calibration(family=run.schedule.family, fingerprint=fingerprint, sigmas=run.sigmas.float(),
+                              cfg=float(cfg), latent_shape=tuple(latent.shape[1:]), teacher=settings, fits=fits,
+                              diagnostics=diagnostics)
+    store.save(calibration, write_folder(), f"{run.schedule.family}-{steps}steps-cfg{cfg:g}-{key}")
+    return calibration, None if run._trajectory is None else run._trajectory.final
 
 
-# --- nodes ------------------------------------------------------------------------------------------
+def method_sigmas(calibration, method):
+    """The sigmas a calibration's method samples on."""
+    if method not in calibration.fits:
+        raise ValueError(f"this calibration holds {', '.join(calibration.methods)}, not {method}: "
+                         f"calibrate with method '{method}' or 'all'")
+    return calibration.fits[method]["sigmas"].float()
+
+
+def checked_sampler(calibration, method, base=None):
+    """A KSAMPLER for the calibration's method that refuses a model, cfg, latent or sigmas it was not fitted
+    for. `base`: for TimeTuner, a KSAMPLER to wrap instead of the one it was tuned with."""
+    fitted = method_sigmas(calibration, method)
+    tensors = calibration.fits[method]
+    settings = {**calibration.teacher, "base": base}
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        inner = model.inner_model
+        patcher = inner.model_patcher
+        schedule = NoiseSchedule.from_model_sampling(patcher.get_model_object("model_sampling"))
+        calibration.check_compatible(family=schedule.family, fingerprint=model_fingerprint(patcher),
+                                     latent_shape=tuple(x.shape[1:]), cfg=float(inner.cfg))
+        given = sigmas.detach().cpu().float()       # (the last, 0, is not compared: uni_pc rewrites it in place)
+        if len(given) != len(fitted) or not torch.allclose(given[:-1], fitted[:-1], rtol=1e-4, atol=1e-6):
+            raise ValueError(f"this {method} calibration was fitted for the {len(fitted) - 1}-step sigmas "
+                             f"{[round(float(s), 4) for s in fitted]}: connect Calibration Sigmas "
+                             f"(method {method}) as the sigmas")
+        function, options = METHODS[method].sampler(tensors, settings, schedule)
+        return function(model, x, sigmas, extra_args, callback, disable, **options)
+
+    return comfy.samplers.KSAMPLER(sample)
+
+
+# --- nodes ---------------------------------------------------------------------------------------
+def method_tooltip(prefix=""):
+    return prefix + " ".join(f"{m.name}: {m.summary}." for m in METHODS.values())
+
+
 class CalibrateSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -215,9 +225,9 @@ class CalibrateSampler(io.ComfyNode):
             node_id="CalibrateSampler",
             display_name="Calibrate Sampler",
             category=CATEGORY,
-            description="Runs a long teacher sampling on your model once, fits few-step samplers to it "
-                        "(OLSS, OLSS-P) and stores the result in models/calibrations; later runs with the "
-                        "same model and settings reuse it instantly.",
+            description="Fits few-step samplers to your model once (OLSS and OLSS-P against a long teacher run; "
+                        "IIA against finer sub-steps; TimeTuner against the teacher) and stores the result in "
+                        "models/calibrations; later runs with the same model and settings reuse it instantly.",
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="A typical prompt for what you will generate."),
@@ -227,35 +237,48 @@ class CalibrateSampler(io.ComfyNode):
                              tooltip="Seed of the calibration noises."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale to calibrate for: sample with the same cfg."),
-                io.Int.Input("steps", default=5, min=1, max=100, tooltip="Student steps (model evaluations)."),
+                io.Int.Input("steps", default=5, min=1, max=100,
+                             tooltip="Student steps, as KSampler's steps (Heun methods evaluate the model twice "
+                                     "per step but the last)."),
                 io.Int.Input("teacher_steps", default=500, min=20, max=4000,
-                             tooltip="Steps of the accurate teacher run (second order). More is more accurate "
-                                     "and slower; 200-1000 is typical."),
+                             tooltip="Steps of the accurate teacher run (second order) that OLSS and TimeTuner fit "
+                                     "to. More is more accurate and slower; 200-1000 is typical."),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
                              tooltip="Noise samples the fit sees. More generalizes better; memory grows with it."),
                 io.Combo.Input("method", options=["all", *METHODS], default="all",
-                               tooltip="olss: coefficients and a searched subset of teacher steps; olss_p: "
-                                       "uniformly spaced teacher steps."),
+                               tooltip=method_tooltip("Which methods to fit; 'all' fits every one. ")),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
+                               tooltip="Student sigmas for IIA and TimeTuner (OLSS searches its own)."),
+                io.Combo.Input("sampler_name", options=TIMETUNER_BASES, default="euler",
+                               tooltip="The sampler TimeTuner tunes the time input of."),
                 io.Sigmas.Input("sigmas", optional=True,
-                                tooltip="Optional fixed student schedule: OLSS then fits coefficients for these "
-                                        "sigmas instead of searching."),
+                                tooltip="Optional fixed student schedule, instead of the scheduler (OLSS then fits "
+                                        "coefficients for these sigmas instead of searching)."),
                 io.Boolean.Input("refit", default=False, optional=True,
                                  tooltip="Calibrate again even if a matching stored calibration exists."),
+                io.Int.Input("iia_substeps", default=IIA_SUBSTEPS, min=2, max=50, optional=True,
+                             tooltip="M: finer sub-steps per step that IIA fits to (the paper: 3; 10 fits more "
+                                     "closely at a higher one-off cost)."),
             ],
             outputs=[CalibrationType.Output(display_name="calibration"),
-                     io.Latent.Output(display_name="teacher_latent"),
-                     io.Sigmas.Output(display_name="sigmas")],
+                     io.Latent.Output(display_name="teacher_latent",
+                                      tooltip="The teacher's pictures (the empty latent when no teacher ran)."),
+                     io.Sigmas.Output(display_name="sigmas",
+                                      tooltip="The sigmas of the (first) fitted method: connect with its sampler.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, cfg, steps, teacher_steps, calibration_batch,
-                method, sigmas=None, refit=False) -> io.NodeOutput:
+                method, scheduler="karras", sampler_name="euler", sigmas=None, refit=False,
+                iia_substeps=IIA_SUBSTEPS) -> io.NodeOutput:
         calibration, final = calibrate(model, positive, negative, latent_image, seed, cfg, steps, teacher_steps,
-                                       calibration_batch, method, sigmas, refit)
-        if final is None:       # reused: the teacher picture is not stored, give the empty latent back
+                                       calibration_batch, method, sigmas, refit, scheduler, sampler_name,
+                                       iia_substeps)
+        if final is None:       # reused, or no teacher: give the empty latent back
             final = latent_image["samples"]
         latent = {"samples": model.model.process_latent_out(final.to(torch.float32))}
-        return io.NodeOutput(calibration, latent, calibration.sigmas.float())
+        first = next(m for m in METHODS if m in calibration.fits)
+        return io.NodeOutput(calibration, latent, method_sigmas(calibration, first))
 
 
 class LoadCalibration(io.ComfyNode):
@@ -279,42 +302,6 @@ class LoadCalibration(io.ComfyNode):
         return io.NodeOutput(store.load(path))
 
 
-def checked_sampler(calibration, method):
-    """A KSAMPLER for the calibration's method that refuses a model, cfg or latent it was not fitted for."""
-    coefficients = olss_coefficients(calibration, method)
-
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        inner = model.inner_model
-        patcher = inner.model_patcher
-        calibration.check_compatible(
-            family=NoiseSchedule.from_model_sampling(patcher.get_model_object("model_sampling")).family,
-            fingerprint=model_fingerprint(patcher), latent_shape=tuple(x.shape[1:]), cfg=float(inner.cfg))
-        return olss.sample_olss(model, x, sigmas, extra_args, callback, disable, coefficients=coefficients)
-
-    return comfy.samplers.KSAMPLER(sample)
-
-
-class OLSSSampler(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="OLSSSampler",
-            display_name="OLSS Sampler",
-            category=f"{CATEGORY}/samplers",
-            description="Optimal Linear Subspace Search (Duan et al., CIKM 2023): each step is the fitted linear "
-                        "combination of the start noise and all earlier model outputs. Use with the "
-                        "calibration's sigmas (Calibration Sigmas) in SamplerCustom.",
-            inputs=[CalibrationType.Input("calibration"),
-                    io.Combo.Input("variant", options=list(METHODS), default="olss",
-                                   tooltip="olss: searched steps; olss_p: uniform teacher steps.")],
-            outputs=[io.Sampler.Output()],
-        )
-
-    @classmethod
-    def execute(cls, calibration, variant) -> io.NodeOutput:
-        return io.NodeOutput(checked_sampler(calibration, variant))
-
-
 class CalibrationSigmas(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -322,12 +309,14 @@ class CalibrationSigmas(io.ComfyNode):
             node_id="CalibrationSigmas",
             display_name="Calibration Sigmas",
             category=f"{CATEGORY}/schedulers",
-            description="The student sigmas a calibration was fitted for (for OLSS: its searched steps).",
+            description="The student sigmas a calibration's method was fitted for (for OLSS: its searched steps). "
+                        "A calibrated sampler refuses other sigmas.",
             inputs=[CalibrationType.Input("calibration"),
-                    io.Combo.Input("method", options=list(METHODS), default="olss")],
+                    io.Combo.Input("method", options=list(METHODS), default="olss",
+                                   tooltip=method_tooltip())],
             outputs=[io.Sigmas.Output()],
         )
 
     @classmethod
     def execute(cls, calibration, method) -> io.NodeOutput:
-        return io.NodeOutput(olss_coefficients(calibration, method).sigmas.float())
+        return io.NodeOutput(method_sigmas(calibration, method))

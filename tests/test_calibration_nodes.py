@@ -5,11 +5,12 @@ import torch
 
 import comfy.samplers
 import folder_paths
-from calibrated_samplers.nodes.calibration import (CalibrateSampler, CalibrationSigmas, LoadCalibration,
-                                                   OLSSSampler)
+from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
+from calibrated_samplers.nodes.samplers import IIASampler, OLSSSampler, TimeTunerSampler
 from calibrated_samplers.optimizers.calibration import CalibrationMismatch
 from comfy_extras.nodes_custom_sampler import SamplerCustom
+from calibrated_samplers.nodes.methods import METHODS
 from tinymodels import gmm
 
 CFG = 2.0
@@ -29,9 +30,9 @@ def _count(calls):
     return post_cfg
 
 
-def _calibrate(model, steps=4, teacher_steps=120, batch=6, method="all", sigmas=None, refit=False, cfg=CFG):
+def _calibrate(model, steps=4, teacher_steps=120, batch=6, method="all", cfg=CFG, **options):
     return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(), EMPTY, 0, cfg, steps,
-                                    teacher_steps, batch, method, sigmas, refit).result
+                                    teacher_steps, batch, method, **options).result
 
 
 def _sample(model, sampler, sigmas, seed=10_000, batch=4, cfg=CFG):
@@ -50,14 +51,29 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     counted = model.clone()
     counted.set_model_sampler_post_cfg_function(_count(calls))
     calibration, teacher_latent, sigmas = _calibrate(counted)
-    assert len(calls) == 120 and teacher_latent["samples"].shape == (6, 4, 8, 8)
-    assert calibration.methods == ["olss", "olss_p"] and len(sigmas) == 5 and calibration.nfe == 4
+    assert calibration.methods == sorted(METHODS) and calibration.nfe == 4
+    # every model call is accounted for: the teacher's and each fit's own (OLSS needs none of its own)
+    own = sum(calibration.diagnostics[m]["evaluations"] for m in ("iia_ddim", "biia_heun", "iia_heun", "timetuner"))
+    assert len(calls) == 120 + own and teacher_latent["samples"].shape == (6, 4, 8, 8)
+    assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
     assert len(list(calibration_folder.iterdir())) == 1
+    made = len(calls)
     again, _, sigmas_again = _calibrate(counted)
-    assert len(calls) == 120, "a matching stored calibration must be reused, not recomputed"
+    assert len(calls) == made, "a matching stored calibration must be reused, not recomputed"
     assert again.key() == calibration.key() and torch.equal(sigmas, sigmas_again)
     _calibrate(counted, refit=True)
-    assert len(calls) == 240
+    assert len(calls) == 2 * made
+
+
+def test_iia_only_runs_no_teacher(model):
+    calls = []
+    counted = model.clone()
+    counted.set_model_sampler_post_cfg_function(_count(calls))
+    calibration, teacher_latent, sigmas = _calibrate(counted, method="iia_heun", teacher_steps=20)
+    assert len(calls) == calibration.diagnostics["iia_heun"]["evaluations"]
+    assert "teacher_seconds" not in calibration.diagnostics and torch.equal(teacher_latent["samples"], EMPTY["samples"])
+    ms = model.get_model_object("model_sampling")
+    torch.testing.assert_close(sigmas, comfy.samplers.calculate_sigmas(ms, "karras", 4).float())
 
 
 def test_olss_beats_the_builtin_at_the_same_nfe_on_held_out_noise(model):
@@ -126,16 +142,51 @@ def test_load_calibration_lists_the_store(model, calibration_folder):
     assert loaded.key() == calibration.key()
 
 
-def test_calibrated_ksampler_is_a_drop_in(model, calibration_folder):
+def _ksampler(model, method, steps=4, denoise=1.0, calibration=None, sampler_name="euler", scheduler="karras"):
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
-    out = CalibratedKSampler.execute(model, 5, 4, CFG, "olss", gmm.conditioning([3]), gmm.null_conditioning(),
-                                     latent, 1.0, 120, 6).result[0]
-    assert out["samples"].shape == (2, 4, 8, 8) and torch.isfinite(out["samples"]).all()
+    return CalibratedKSampler.execute(model=model, seed=5, steps=steps, cfg=CFG, sampler_name=sampler_name,
+                                      scheduler=scheduler, positive=gmm.conditioning([3]),
+                                      negative=gmm.null_conditioning(), latent_image=latent, denoise=denoise,
+                                      method=method, teacher_steps=120, calibration_batch=6,
+                                      calibration=calibration).result[0]["samples"]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_calibrated_ksampler_is_a_drop_in(model, calibration_folder, method):
+    out = _ksampler(model, method)
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
     assert len(list(calibration_folder.iterdir())) == 1
+    assert torch.equal(_ksampler(model, method), out), "same seed and calibration: the same latent"
+    assert len(list(calibration_folder.iterdir())) == 1
+
+
+def test_calibrated_ksampler_refusals(model):
     with pytest.raises(ValueError, match="denoise"):
-        CalibratedKSampler.execute(model, 5, 4, CFG, "olss", gmm.conditioning([3]), gmm.null_conditioning(),
-                                   latent, 0.6, 120, 6)
-    calibration = _calibrate(model)[0]
+        _ksampler(model, "olss", denoise=0.6)
+    calibration = _calibrate(model, method="timetuner")[0]
     with pytest.raises(CalibrationMismatch, match="steps"):
-        CalibratedKSampler.execute(model, 5, 6, CFG, "olss", gmm.conditioning([3]), gmm.null_conditioning(),
-                                   latent, 1.0, 120, 6, calibration)
+        _ksampler(model, "timetuner", steps=6, calibration=calibration)
+    with pytest.raises(CalibrationMismatch, match="sampler_name"):
+        _ksampler(model, "timetuner", calibration=calibration, sampler_name="heun")
+    with pytest.raises(CalibrationMismatch, match="scheduler"):
+        _ksampler(model, "timetuner", calibration=calibration, scheduler="beta")
+    with pytest.raises(ValueError, match="holds timetuner, not olss"):
+        _ksampler(model, "olss", calibration=calibration)
+
+
+@pytest.mark.parametrize("node, variant", [(IIASampler, "iia_ddim"), (IIASampler, "biia_heun"),
+                                           (IIASampler, "iia_heun"), (TimeTunerSampler, None)])
+def test_sampler_nodes_sample_their_calibration(model, node, variant):
+    method = variant or "timetuner"
+    calibration = _calibrate(model, method=method, sampler_name="dpmpp_2m")[0]
+    sampler = node.execute(calibration, variant).result[0] if variant else node.execute(calibration).result[0]
+    sigmas = CalibrationSigmas.execute(calibration, method).result[0]
+    out = _sample(model, sampler, sigmas)
+    assert out.shape == (4, 4, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="fitted for the 4-step sigmas"):
+        _sample(model, sampler, comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "beta", 4))
+    if variant is None:       # another base sampler can be wrapped; a non-KSAMPLER cannot
+        other = TimeTunerSampler.execute(calibration, comfy.samplers.sampler_object("euler")).result[0]
+        assert not torch.equal(_sample(model, other, sigmas), out)
+        with pytest.raises(ValueError, match="KSAMPLER"):
+            _sample(model, TimeTunerSampler.execute(calibration, object()).result[0], sigmas)

@@ -57,14 +57,15 @@ def test_bad_input_reaches_the_error_panel(comfy_server):
 
 
 def test_calibrate_then_olss_workflow(comfy_server):
-    """Calibrate Sampler -> OLSS Sampler + Calibration Sigmas -> SamplerCustom, through /prompt."""
+    """Calibrate Sampler -> OLSS / IIA / TimeTuner Sampler + Calibration Sigmas -> SamplerCustom, and
+    KSampler (Calibrated), through /prompt."""
     prompt = {
         "1": {"class_type": "CalibratedSamplersTinyModel",
               "inputs": {"model_name": "gmm_flow", "label": 3, "batch_size": 2}},
         "2": {"class_type": "CalibrateSampler",
               "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3],
                          "seed": 0, "cfg": 2.0, "steps": 4, "teacher_steps": 100, "calibration_batch": 4,
-                         "method": "all", "refit": False}},
+                         "method": "all", "scheduler": "karras", "sampler_name": "dpmpp_2m", "refit": False}},
         "3": {"class_type": "OLSSSampler", "inputs": {"calibration": ["2", 0], "variant": "olss"}},
         "4": {"class_type": "CalibrationSigmas", "inputs": {"calibration": ["2", 0], "method": "olss"}},
         "5": {"class_type": "SamplerCustom",
@@ -74,10 +75,22 @@ def test_calibrate_then_olss_workflow(comfy_server):
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "olss"}},
         "7": {"class_type": "CalibratedKSampler",
               "inputs": {"model": ["1", 0], "seed": 3, "steps": 4, "cfg": 2.0, "method": "olss_p",
+                         "sampler_name": "euler", "scheduler": "karras",
                          "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 1.0,
                          "teacher_steps": 100, "calibration_batch": 4}},
         "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "ks"}},
     }
+    for n, (node, variant) in enumerate([("IIASampler", "iia_heun"), ("TimeTunerSampler", None)]):
+        first = 10 + 4 * n
+        method = variant or "timetuner"
+        prompt[str(first)] = {"class_type": node, "inputs": {"calibration": ["2", 0],
+                                                            **({"variant": variant} if variant else {})}}
+        prompt[str(first + 1)] = {"class_type": "CalibrationSigmas", "inputs": {"calibration": ["2", 0],
+                                                                               "method": method}}
+        prompt[str(first + 2)] = {"class_type": "SamplerCustom", "inputs": dict(
+            prompt["5"]["inputs"], sampler=[str(first), 0], sigmas=[str(first + 1), 0])}
+        prompt[str(first + 3)] = {"class_type": "SaveLatent", "inputs": {"samples": [str(first + 2), 0],
+                                                                         "filename_prefix": method}}
     result = comfy_server.run_prompt(prompt)
     assert result.get("status", {}).get("status_str") == "success", (result, comfy_server.output())
     stored = list((comfy_server.base / "models" / "calibrations").glob("*.safetensors"))
@@ -91,6 +104,7 @@ def test_a_failing_node_reports_its_message(comfy_server):
               "inputs": {"model_name": "gmm_eps", "label": 3, "batch_size": 1}},
         "2": {"class_type": "CalibratedKSampler",
               "inputs": {"model": ["1", 0], "seed": 3, "steps": 4, "cfg": 2.0, "method": "olss",
+                         "sampler_name": "euler", "scheduler": "karras",
                          "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 0.5,
                          "teacher_steps": 100, "calibration_batch": 4}},
         "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "bad"}},
