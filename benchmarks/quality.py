@@ -83,6 +83,7 @@ CALIBRATION_TEACHER_STEPS = [500]
 CALIBRATION_COSTS = []
 CALIBRATED_SCHEDULERS = ["karras", "beta", "simple", "kl_optimal"]    # IIA and TimeTuner keep the schedule
 TIMETUNER_BASES = ["ddim", "dpmpp_2m", "uni_pc"]
+IIA_SUBSTEPS = [3]                                                     # M of the IIA fits (the paper: 3)
 PLAIN = {"iia_ddim": "ddim", "biia_heun": "heun", "iia_heun": "heun"}   # and timetuner(X): X
 
 
@@ -128,13 +129,15 @@ def calibrated_runs(case, nfe):
     CALIBRATED_SCHEDULERS, Heun forms with (nfe + 1) // 2 steps (2 evaluations per step but the last)."""
     from calibrated_samplers.nodes.methods import METHODS
     for batch in CALIBRATION_BATCHES:
-        jobs = [(m, nfe, "karras", "euler") for m in ("olss", "olss_p")]
+        jobs = [(m, nfe, "karras", "euler", None) for m in ("olss", "olss_p")]
         for scheduler in CALIBRATED_SCHEDULERS:
-            jobs += [("iia_ddim", nfe, scheduler, "euler"), ("biia_heun", (nfe + 1) // 2, scheduler, "euler"),
-                     ("iia_heun", (nfe + 1) // 2, scheduler, "euler")]
-            jobs += [("timetuner", nfe, scheduler, base) for base in TIMETUNER_BASES]
-        for method, steps, scheduler, base in jobs:
+            for m in IIA_SUBSTEPS:
+                jobs += [("iia_ddim", nfe, scheduler, "euler", m), ("biia_heun", (nfe + 1) // 2, scheduler, "euler", m),
+                         ("iia_heun", (nfe + 1) // 2, scheduler, "euler", m)]
+            jobs += [("timetuner", nfe, scheduler, base, None) for base in TIMETUNER_BASES]
+        for method, steps, scheduler, base, substeps in jobs:
             run = _calibration_run(case, batch, steps, scheduler, base)
+            run.iia_substeps = substeps or run.iia_substeps
             start = time.perf_counter()
             tensors, diagnostics = METHODS[method].fit(run, method)
             if method.startswith("olss"):
@@ -143,12 +146,13 @@ def calibrated_runs(case, nfe):
                                       "scheduler": scheduler, "sampler": base, "batch": batch, "steps": steps,
                                       "teacher_seconds": run.teacher_seconds,
                                       "fit_seconds": time.perf_counter() - start,
-                                      "evaluations": diagnostics.get("evaluations", 0)})
+                                      "evaluations": diagnostics.get("evaluations", 0), "iia_substeps": substeps})
             function, options = METHODS[method].sampler(tensors, {"sampler_name": base}, case.schedule)
             sampler = comfy.samplers.KSAMPLER(function, extra_options=options)
             name = f"timetuner({base})" if method == "timetuner" else method
             label = "calibrated" if method.startswith("olss") else scheduler
-            yield f"{method}_b{batch}", name, label, steps, sampler, tensors["sigmas"]
+            tag = f"_m{substeps}" if substeps and len(IIA_SUBSTEPS) > 1 else ""
+            yield f"{method}{tag}_b{batch}", name, label, steps, sampler, tensors["sigmas"]
 
 
 # The pack's methods: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
@@ -266,10 +270,12 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="held-out samples per model")
     parser.add_argument("--teacher-steps", type=int, default=500)
     parser.add_argument("--calibration-batches", nargs="+", type=int, default=CALIBRATION_BATCHES)
+    parser.add_argument("--iia-substeps", nargs="+", type=int, default=IIA_SUBSTEPS, help="M of the IIA fits")
     parser.add_argument("--quick", action="store_true", help="gmm_eps and digits_flow, guided only")
     parser.add_argument("--out", default=str(common.RESULTS / "quality"))
     args = parser.parse_args()
     CALIBRATION_BATCHES[:] = args.calibration_batches
+    IIA_SUBSTEPS[:] = args.iia_substeps
     CALIBRATION_TEACHER_STEPS[:] = [args.teacher_steps]
     if args.quick:
         args.models, args.cfg = ["gmm_eps", "digits_flow"], [3.0]

@@ -5,11 +5,12 @@ CATEGORY = "sampling/calibrated_samplers"
 
 from .calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration  # noqa: E402
 from .ksampler import CalibratedKSampler  # noqa: E402
+from .report import CalibrationReport  # noqa: E402
 from .samplers import IIASampler, OLSSSampler, TimeTunerSampler  # noqa: E402
 from .trust_region import TrustRegionStepsScheduler  # noqa: E402
 
 NODES: list[type[io.ComfyNode]] = [CalibrateSampler, CalibratedKSampler, LoadCalibration, OLSSSampler, IIASampler,
-                                   TimeTunerSampler, CalibrationSigmas, TrustRegionStepsScheduler]
+                                   TimeTunerSampler, CalibrationSigmas, CalibrationReport, TrustRegionStepsScheduler]
 
 
 class CalibratedSamplersExtension(ComfyExtension):

@@ -21,7 +21,8 @@ from .. import calibration_cache as store
 from ..optimizers.calibration import Calibration, calibration_key
 from ..optimizers.coordinates import NoiseSchedule
 from . import CATEGORY
-from .methods import IIA_SUBSTEPS, METHODS, TIMETUNER_BASES, CalibrationRun, ksampler_sigmas
+from .methods import (IIA_SUBSTEPS, METHODS, TIMETUNER_BASES, CalibrationRun, calibration_batch_errors,
+                      ksampler_sigmas)
 
 FOLDER = "calibrations"
 CalibrationType = io.Custom("CALIBRATION")
@@ -174,6 +175,7 @@ def calibrate(model, positive, negative, latent_image, seed, cfg, steps, teacher
         fits[name], diagnostics[name] = METHODS[name].fit(run, name)
     if run._trajectory is not None:
         diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
+        diagnostics["calibration_batch_rmse"] = calibration_batch_errors(run, fits, settings)
     calibration = Calibration(family=run.schedule.family, fingerprint=fingerprint, sigmas=run.sigmas.float(),
                               cfg=float(cfg), latent_shape=tuple(latent.shape[1:]), teacher=settings, fits=fits,
                               diagnostics=diagnostics)

@@ -29,6 +29,8 @@ TIMETUNER_BASES = ["euler", "ddim", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m
                    "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2"]
 IIA_SUBSTEPS = 3            # M, the paper's default
 IIA_HISTORY = 1             # r, the paper's default
+# Built-ins every calibration with a teacher is compared with, on the calibration batch (the report)
+SHORTLIST = ["euler", "dpmpp_2m", "uni_pc", "deis", "ipndm"]
 
 
 def ksampler_sigmas(model_sampling, scheduler, steps, sampler_name=None):
@@ -205,3 +207,21 @@ METHODS = {m.name: m for m in [
            True, _fit_timetuner, _timetuner_sampler),
 ]}
 
+
+def calibration_batch_errors(run, fits, settings):
+    """{label: RMSE against the teacher's final latent} on the calibration noises, for each fitted method and
+    the SHORTLIST built-ins on the run's scheduler at the same steps: what calibration bought, in sample."""
+    final = run.trajectory.final
+    ms = run.model.get_model_object("model_sampling")
+    errors = {}
+    for name, tensors in fits.items():
+        function, options = METHODS[name].sampler(tensors, settings, run.schedule)
+        x = run.sample(function, tensors["sigmas"].float(), **options)
+        errors[name] = float((x.cpu().double() - final.double()).pow(2).mean().sqrt())
+    where = "given sigmas" if run.fixed else run.scheduler
+    for name in SHORTLIST:
+        sigmas = run.sigmas if run.fixed else ksampler_sigmas(ms, run.scheduler, run.steps, name)
+        sampler = comfy.samplers.sampler_object(name)
+        x = run.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options)
+        errors[f"{name} / {where}"] = float((x.cpu().double() - final.double()).pow(2).mean().sqrt())
+    return errors

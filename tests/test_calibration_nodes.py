@@ -7,10 +7,11 @@ import comfy.samplers
 import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
+from calibrated_samplers.nodes.report import CalibrationReport
 from calibrated_samplers.nodes.samplers import IIASampler, OLSSSampler, TimeTunerSampler
 from calibrated_samplers.optimizers.calibration import CalibrationMismatch
 from comfy_extras.nodes_custom_sampler import SamplerCustom
-from calibrated_samplers.nodes.methods import METHODS
+from calibrated_samplers.nodes.methods import METHODS, SHORTLIST
 from tinymodels import gmm
 
 CFG = 2.0
@@ -52,9 +53,13 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     counted.set_model_sampler_post_cfg_function(_count(calls))
     calibration, teacher_latent, sigmas = _calibrate(counted)
     assert calibration.methods == sorted(METHODS) and calibration.nfe == 4
-    # every model call is accounted for: the teacher's and each fit's own (OLSS needs none of its own)
+    # every model call is accounted for: the teacher's, each fit's own (OLSS needs none of its own), and the
+    # report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1) and 5 built-ins, 4 steps
     own = sum(calibration.diagnostics[m]["evaluations"] for m in ("iia_ddim", "biia_heun", "iia_heun", "timetuner"))
-    assert len(calls) == 120 + own and teacher_latent["samples"].shape == (6, 4, 8, 8)
+    report = 4 * 4 + 2 * 7 + len(SHORTLIST) * 4
+    assert len(calls) == 120 + own + report and teacher_latent["samples"].shape == (6, 4, 8, 8)
+    assert set(calibration.diagnostics["calibration_batch_rmse"]) == set(METHODS) | {
+        f"{name} / karras" for name in SHORTLIST}
     assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
     assert len(list(calibration_folder.iterdir())) == 1
     made = len(calls)
@@ -190,3 +195,13 @@ def test_sampler_nodes_sample_their_calibration(model, node, variant):
         assert not torch.equal(_sample(model, other, sigmas), out)
         with pytest.raises(ValueError, match="KSAMPLER"):
             _sample(model, TimeTunerSampler.execute(calibration, object()).result[0], sigmas)
+
+
+def test_report_draws_every_panel(model):
+    calibration = _calibrate(model, method="all")[0]
+    image = CalibrationReport.execute(calibration).result[0]
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert 0 <= float(image.min()) and float(image.max()) <= 1 and image.std() > 0.05
+    without_teacher = _calibrate(model, method="iia_ddim")[0]
+    short = CalibrationReport.execute(without_teacher).result[0]
+    assert short.shape[1] < image.shape[1]

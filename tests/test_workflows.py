@@ -1,0 +1,104 @@
+"""The example workflows in workflows/: they load in the real server's node set, their links are
+type-correct, ComfyUI's template browser lists them, and each one runs to success once its SD1.5
+checkpoint, prompts and VAE are swapped for the bundled tiny model."""
+import json
+import urllib.request
+
+import pytest
+
+import workflow_format as wf
+from host import ROOT
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+FILE_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadCalibration", "calibration_name")}   # the user's files
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info")
+
+
+def test_there_is_one_workflow_per_use():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"trust_region_sigmas", "calibrate_then_olss", "iia_heun", "timetuner", "calibrated_ksampler",
+            "compare_5_steps"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_matches_the_nodes(path, object_info):
+    workflow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        assert {"id", "type", "pos", "size", "inputs", "outputs", "widgets_values"} <= set(node)
+        if node["type"] in wf.FRONTEND_ONLY:
+            continue
+        assert node["type"] in object_info, f"{path.name}: unknown node {node['type']}"
+        info = object_info[node["type"]]
+        names = dict(wf.inputs_in_order(info))
+        for socket in node["inputs"]:
+            assert socket["name"] in names, f"{path.name}: {node['type']} has no input {socket['name']}"
+            assert socket["type"] == names[socket["name"]][0]
+        assert len(node["widgets_values"]) == len(wf.widget_names(info)), (path.name, node["type"])
+        for name, value in zip(wf.widget_names(info), node["widgets_values"]):
+            spec = None if (node["type"], name) in FILE_INPUTS else names.get(name)
+            if spec is not None and isinstance(spec[0], list):
+                assert value in spec[0], f"{path.name}: {node['type']}.{name} = {value!r} is not an option"
+            elif spec is not None and spec[0] == "COMBO":
+                assert value in spec[1]["options"], f"{path.name}: {node['type']}.{name} = {value!r}"
+        for slot, out in enumerate(node["outputs"]):
+            assert out["type"] == info["output"][slot]
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        assert nodes[source]["outputs"][source_slot]["type"] == kind
+        assert nodes[target]["inputs"][target_slot]["type"] == kind
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert link_id in nodes[source]["outputs"][source_slot]["links"]
+    assert any(n["type"] in wf.FRONTEND_ONLY for n in workflow["nodes"]) or workflow["groups"], "explain the workflow"
+
+
+def tiny_prompt(prompt):
+    """The API prompt with the SD1.5 checkpoint, prompts, empty latent and VAE swapped for the tiny model."""
+    swap = {}
+    tiny = None
+    for node_id, node in prompt.items():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            tiny = node_id
+            prompt[node_id] = {"class_type": "CalibratedSamplersTinyModel",
+                               "inputs": {"model_name": "gmm_eps", "label": 3, "batch_size": 2}}
+    for node_id, node in list(prompt.items()):
+        if node["class_type"] == "EmptyLatentImage":
+            swap[node_id] = [tiny, 3]
+        elif node["class_type"] == "CLIPTextEncode":
+            swap[node_id] = None          # positive or negative: decided by the input it feeds
+        elif node["class_type"] == "VAEDecode":
+            swap[node_id] = ("decoded", node["inputs"]["samples"])
+    for node_id in swap:
+        del prompt[node_id]
+    for node_id, node in list(prompt.items()):
+        for name, value in list(node["inputs"].items()):
+            if not (isinstance(value, list) and value[0] in swap):
+                continue
+            target = swap[value[0]]
+            if target is None:
+                node["inputs"][name] = [tiny, 1 if name == "positive" else 2]
+            elif isinstance(target, tuple):      # an image of a decoded latent: save the latent instead
+                prompt[node_id] = {"class_type": "SaveLatent",
+                                   "inputs": {"samples": target[1], "filename_prefix": f"workflow_{node_id}"}}
+            else:
+                node["inputs"][name] = target
+    return prompt
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_on_the_tiny_model(path, object_info, comfy_server):
+    prompt = tiny_prompt(wf.to_api(json.loads(path.read_text()), object_info))
+    result = comfy_server.run_prompt(prompt)
+    assert result.get("status", {}).get("status_str") == "success", (path.name, result, comfy_server.output())
+
+
+def test_template_browser_lists_them(comfy_server):
+    listed = comfy_server.get("/workflow_templates")
+    ours = [names for names in listed.values() if "calibrate_then_olss" in names]
+    assert ours and set(ours[0]) == {p.stem for p in WORKFLOWS}
+    folder = next(k for k, v in listed.items() if v is ours[0])
+    with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{folder}/calibrate_then_olss.json") as r:
+        assert json.loads(r.read())["nodes"]
