@@ -2,9 +2,10 @@
 
 For each trained model (EPS and flow), with guidance: calibrate once (a teacher run on calibration
 noises), then sample 10 held-out seeds at 5 model evaluations with OLSS, OLSS-P, IIA-DDIM, IIA-Heun,
-TimeTuner on dpmpp_2m, the trust-region schedule and the best of a shortlist of strong built-in sampler/scheduler pairs (`make bench` searches
-them all), and compare each to the teacher run from the same noise. Writes out/demo/grid.png and
-out/demo/results.md and prints where they are. A few minutes on a laptop CPU.
+TimeTuner on dpmpp_2m, the trust-region schedule and the best of a shortlist of strong built-in
+sampler/scheduler pairs (`make bench` searches them all), and compare each to the teacher run from the
+same noise. Writes out/demo/grid.png, out/demo/results.md and each model's Calibration Report picture
+(out/demo/report_<model>.png), and prints where they are. A few minutes on a laptop CPU.
 """
 import argparse
 import sys
@@ -18,6 +19,7 @@ import folder_paths
 import torch
 from PIL import Image, ImageDraw
 from calibrated_samplers.nodes.calibration import CalibrateSampler, checked_sampler, method_sigmas
+from calibrated_samplers.nodes.report import draw_report
 from calibrated_samplers.nodes.trust_region import trust_region_sigmas
 OUT = Path(__file__).resolve().parents[1] / "out" / "demo"
 NFE, CFG, SHOWN = 5, 3.0, 10
@@ -63,6 +65,7 @@ def rows_for(name, teacher_steps, batch):
     for record, method, label in shown:
         x = case.sample(checked_sampler(record, method), method_sigmas(record, method))
         rows.append((label, common.rmse(x, teacher), None, x))
+    draw_report(calibration).save(OUT / f"report_{name}.png")
     return case, rows, calibrate_seconds
 
 
@@ -105,7 +108,7 @@ def main():
     grid.save(OUT / "grid.png")
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {OUT / 'grid.png'} and {OUT / 'results.md'}")
+    print(f"wrote {OUT / 'grid.png'}, {OUT / 'results.md'} and the calibration reports {OUT}/report_*.png")
 
 
 if __name__ == "__main__":

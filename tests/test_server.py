@@ -1,4 +1,7 @@
 """End to end: the real ComfyUI server loads the pack and runs a workflow through /prompt."""
+import time
+import urllib.request
+
 import pytest
 
 
@@ -113,3 +116,36 @@ def test_a_failing_node_reports_its_message(comfy_server):
     assert result["status"]["status_str"] == "error"
     messages = str(result["status"]["messages"])
     assert "denoise 0.5" in messages and "img2img" in messages
+
+
+def test_cancel_stops_calibration_promptly_and_stores_nothing(comfy_server):
+    """Cancel (POST /interrupt) during a long teacher run: the prompt ends within seconds as interrupted,
+    and no calibration file appears."""
+    folder = comfy_server.base / "models" / "calibrations"
+    before = set(folder.glob("*.safetensors")) if folder.exists() else set()
+    prompt = {
+        "1": {"class_type": "CalibratedSamplersTinyModel",
+              "inputs": {"model_name": "gmm_eps", "label": 3, "batch_size": 1}},
+        "2": {"class_type": "CalibrateSampler",
+              "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3],
+                         "seed": 11, "cfg": 2.0, "steps": 5, "teacher_steps": 4000, "calibration_batch": 256,
+                         "method": "olss", "scheduler": "karras", "sampler_name": "euler", "refit": True}},
+        "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 1], "filename_prefix": "cancelled"}},
+    }
+    pid = comfy_server.post("/prompt", {"prompt": prompt})["prompt_id"]
+    deadline = time.time() + 60
+    while not comfy_server.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)                                   # inside the teacher run
+    urllib.request.urlopen(urllib.request.Request(comfy_server.url + "/interrupt", data=b"{}", method="POST"))
+    cancelled = time.time()
+    while time.time() < cancelled + 30:
+        entry = comfy_server.get(f"/history/{pid}").get(pid)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.1)
+    assert time.time() - cancelled < 5, "Cancel took too long"
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in str(entry["status"]["messages"])
+    after = set(folder.glob("*.safetensors")) if folder.exists() else set()
+    assert after == before, "a cancelled calibration must store nothing"
