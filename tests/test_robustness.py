@@ -1,0 +1,98 @@
+"""Bad inputs and limits, as a user meets them: a clear message naming the input (ComfyUI's error panel
+shows the exception) or a safe result, nothing half-written on disk; calibrations reproducible."""
+import pytest
+import torch
+
+import folder_paths
+from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas
+from calibrated_samplers.nodes.ksampler import CalibratedKSampler
+from calibrated_samplers.nodes.methods import METHODS
+from calibrated_samplers.nodes.samplers import IIASampler, OLSSSampler, TimeTunerSampler
+from comfy_extras.nodes_custom_sampler import SamplerCustom
+from tinymodels import gmm
+
+CFG = 2.0
+
+
+@pytest.fixture(autouse=True)
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "calibrations", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+@pytest.fixture(scope="module", params=["eps", "flow"])
+def model(request):
+    return gmm.build_model(request.param)
+
+
+def calibrate(model, steps=4, teacher_steps=60, batch=4, method="all", **options):
+    return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(),
+                                    {"samples": torch.zeros(1, 4, 8, 8)}, 0, CFG, steps, teacher_steps, batch,
+                                    method, **options).result[0]
+
+
+def sampler_of(calibration, method):
+    if method in ("olss", "olss_p"):
+        return OLSSSampler.execute(calibration, method).result[0]
+    if method == "timetuner":
+        return TimeTunerSampler.execute(calibration).result[0]
+    return IIASampler.execute(calibration, method).result[0]
+
+
+def sample(model, calibration, method, batch=2, seed=10_000):
+    return SamplerCustom.execute(model, True, seed, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
+                                 sampler_of(calibration, method), CalibrationSigmas.execute(calibration, method).result[0],
+                                 {"samples": torch.zeros(batch, 4, 8, 8)}).result[0]["samples"]
+
+
+@pytest.mark.parametrize("batch, steps", [(1, 4), (3, 1)], ids=["calibration batch 1", "steps 1"])
+def test_degenerate_sizes_give_finite_samplers(model, batch, steps):
+    """A one-noise calibration (rank-deficient least squares) and a one-step student: every method fits,
+    stays finite and samples finite latents."""
+    calibration = calibrate(model, steps=steps, batch=batch)
+    for method in METHODS:
+        for tensor in calibration.fits[method].values():
+            assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), method
+        assert torch.isfinite(sample(model, calibration, method)).all(), method
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["iia_ddim", "iia_heun", "olss", "timetuner"])
+def test_non_finite_model_output_stores_nothing(model, folder, value, method):
+    broken = model.clone()
+    broken.set_model_sampler_post_cfg_function(lambda args: args["denoised"] * value)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        calibrate(broken, method=method)
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "dpmpp_3m"}, "expected 'all' or one of"),
+    ({"steps": 11, "teacher_steps": 20}, "too many for a 20-step teacher"),
+    ({"method": "timetuner", "sampler_name": "euler_ancestral"}, "deterministic sampler"),
+    ({"scheduler": "nonexistent"}, "scheduler 'nonexistent'"),
+    ({"iia_substeps": 1, "method": "iia_ddim"}, "iia_substeps 1"),
+    ({"steps": 0}, "steps must be at least 1"),
+])
+def test_bad_settings_are_refused_by_name(model, folder, options, message):
+    with pytest.raises(ValueError, match=message):
+        calibrate(model, **options)
+    assert list(folder.iterdir()) == []
+
+
+def test_calibration_is_reproducible_from_its_seed(model):
+    first = calibrate(model, method="all")
+    again = calibrate(model, method="all", refit=True)
+    for method in METHODS:
+        for name, tensor in first.fits[method].items():
+            assert torch.equal(tensor, again.fits[method][name]), (method, name)
+
+
+def test_ksampler_with_a_calibration_for_another_latent_size(model):
+    calibration = calibrate(model, method="olss")
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    with pytest.raises(ValueError, match="latent shape"):
+        CalibratedKSampler.execute(model=model, seed=1, steps=4, cfg=CFG, sampler_name="euler", scheduler="karras",
+                                   positive=gmm.conditioning([3]), negative=gmm.null_conditioning(),
+                                   latent_image=latent, denoise=1.0, method="olss", teacher_steps=60,
+                                   calibration_batch=4, calibration=calibration)
