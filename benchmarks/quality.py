@@ -84,6 +84,7 @@ CALIBRATION_COSTS = []
 CALIBRATED_SCHEDULERS = ["karras", "beta", "simple", "kl_optimal"]    # IIA and TimeTuner keep the schedule
 TIMETUNER_BASES = ["ddim", "dpmpp_2m", "uni_pc"]
 IIA_SUBSTEPS = [3]                                                     # M of the IIA fits (the paper: 3)
+CALIBRATED = ["olss", "olss_p", "iia_ddim", "biia_heun", "iia_heun", "timetuner"]   # which to fit (--methods)
 PLAIN = {"iia_ddim": "ddim", "biia_heun": "heun", "iia_heun": "heun"}   # and timetuner(X): X
 
 
@@ -135,7 +136,7 @@ def calibrated_runs(case, nfe):
                 jobs += [("iia_ddim", nfe, scheduler, "euler", m), ("biia_heun", (nfe + 1) // 2, scheduler, "euler", m),
                          ("iia_heun", (nfe + 1) // 2, scheduler, "euler", m)]
             jobs += [("timetuner", nfe, scheduler, base, None) for base in TIMETUNER_BASES]
-        for method, steps, scheduler, base, substeps in jobs:
+        for method, steps, scheduler, base, substeps in [job for job in jobs if job[0] in CALIBRATED]:
             run = _calibration_run(case, batch, steps, scheduler, base)
             run.iia_substeps = substeps or run.iia_substeps
             start = time.perf_counter()
@@ -270,12 +271,15 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="held-out samples per model")
     parser.add_argument("--teacher-steps", type=int, default=500)
     parser.add_argument("--calibration-batches", nargs="+", type=int, default=CALIBRATION_BATCHES)
+    parser.add_argument("--methods", nargs="+", default=CALIBRATED, choices=CALIBRATED,
+                        help="calibrated methods to fit")
     parser.add_argument("--iia-substeps", nargs="+", type=int, default=IIA_SUBSTEPS, help="M of the IIA fits")
     parser.add_argument("--quick", action="store_true", help="gmm_eps and digits_flow, guided only")
     parser.add_argument("--out", default=str(common.RESULTS / "quality"))
     args = parser.parse_args()
     CALIBRATION_BATCHES[:] = args.calibration_batches
     IIA_SUBSTEPS[:] = args.iia_substeps
+    CALIBRATED[:] = args.methods
     CALIBRATION_TEACHER_STEPS[:] = [args.teacher_steps]
     if args.quick:
         args.models, args.cfg = ["gmm_eps", "digits_flow"], [3.0]

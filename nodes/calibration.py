@@ -231,9 +231,9 @@ class CalibrateSampler(io.ComfyNode):
                         "IIA against finer sub-steps; TimeTuner against the teacher) and stores the result in "
                         "models/calibrations; later runs with the same model and settings reuse it instantly.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to calibrate, with its LoRAs and sampling patches."),
                 io.Conditioning.Input("positive", tooltip="A typical prompt for what you will generate."),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("negative", tooltip="The negative prompt you will use (guidance)."),
                 io.Latent.Input("latent_image", tooltip="Sets the latent size the calibration is for."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of the calibration noises."),
@@ -313,7 +313,7 @@ class CalibrationSigmas(io.ComfyNode):
             category=f"{CATEGORY}/schedulers",
             description="The student sigmas a calibration's method was fitted for (for OLSS: its searched steps). "
                         "A calibrated sampler refuses other sigmas.",
-            inputs=[CalibrationType.Input("calibration"),
+            inputs=[CalibrationType.Input("calibration", tooltip="From Calibrate Sampler or Load Calibration."),
                     io.Combo.Input("method", options=list(METHODS), default="olss",
                                    tooltip=method_tooltip())],
             outputs=[io.Sigmas.Output()],

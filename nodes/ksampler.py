@@ -24,7 +24,7 @@ class CalibratedKSampler(io.ComfyNode):
                         "calibration input it reuses a stored one for this model and settings, or calibrates "
                         "first (once) and stores it.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model used for denoising the input latent."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed used for creating the noise."),
                 io.Int.Input("steps", default=5, min=1, max=100,
@@ -36,9 +36,9 @@ class CalibratedKSampler(io.ComfyNode):
                                tooltip="The sampler TimeTuner tunes (other methods bring their own solver)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
                                tooltip="Sigmas for IIA and TimeTuner (OLSS searches its own)."),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
+                io.Conditioning.Input("positive", tooltip="What to include in the image."),
+                io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
+                io.Latent.Input("latent_image", tooltip="The empty latent to denoise (sets size and batch)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Calibrated methods sample from pure noise: only 1.0 is supported."),
                 io.Combo.Input("method", options=list(METHODS), default="olss", tooltip=method_tooltip()),

@@ -9,6 +9,8 @@ from . import CATEGORY
 from .calibration import CalibrationType, checked_sampler
 from .methods import METHODS
 
+CALIBRATION_TOOLTIP = "From Calibrate Sampler or Load Calibration (it must hold this method)."
+
 
 def _variant_tooltip(names):
     return " ".join(f"{n}: {METHODS[n].summary}." for n in names)
@@ -26,7 +28,7 @@ class OLSSSampler(io.ComfyNode):
             description="Optimal Linear Subspace Search (Duan et al., CIKM 2023): each step is the fitted linear "
                         "combination of the start noise and all earlier model outputs. Use with the "
                         "calibration's sigmas (Calibration Sigmas) in SamplerCustom.",
-            inputs=[CalibrationType.Input("calibration"),
+            inputs=[CalibrationType.Input("calibration", tooltip=CALIBRATION_TOOLTIP),
                     io.Combo.Input("variant", options=cls.VARIANTS, default="olss",
                                    tooltip=_variant_tooltip(cls.VARIANTS))],
             outputs=[io.Sampler.Output()],
@@ -48,7 +50,7 @@ class IIASampler(io.ComfyNode):
             category=f"{CATEGORY}/samplers",
             description="Improved Integration Approximation (Zhang, Niwa, Kleijn): DDIM or Heun with a few fitted "
                         "coefficients per step. Use with the calibration's sigmas (Calibration Sigmas).",
-            inputs=[CalibrationType.Input("calibration"),
+            inputs=[CalibrationType.Input("calibration", tooltip=CALIBRATION_TOOLTIP),
                     io.Combo.Input("variant", options=cls.VARIANTS, default="iia_heun",
                                    tooltip=_variant_tooltip(cls.VARIANTS))],
             outputs=[io.Sampler.Output()],
@@ -69,7 +71,7 @@ class TimeTunerSampler(io.ComfyNode):
             description="TimeTuner (Xia et al., CVPR 2024): the sampler the calibration was tuned with, feeding the "
                         "network a tuned time input per step. Use with the calibration's sigmas "
                         "(Calibration Sigmas, method timetuner).",
-            inputs=[CalibrationType.Input("calibration"),
+            inputs=[CalibrationType.Input("calibration", tooltip=CALIBRATION_TOOLTIP),
                     io.Sampler.Input("sampler", optional=True,
                                      tooltip="Wrap this sampler instead (e.g. from KSamplerSelect); the ratios were "
                                              "tuned for the calibration's sampler, so use the same one for best "

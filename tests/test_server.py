@@ -149,3 +149,15 @@ def test_cancel_stops_calibration_promptly_and_stores_nothing(comfy_server):
     assert "execution_interrupted" in str(entry["status"]["messages"])
     after = set(folder.glob("*.safetensors")) if folder.exists() else set()
     assert after == before, "a cancelled calibration must store nothing"
+
+
+def test_every_pack_input_and_node_is_explained(object_info):
+    """Display names, descriptions and a tooltip on every input: what a user reads in the UI."""
+    from calibrated_samplers.nodes import NODES
+    for node in NODES:
+        info = object_info[node.define_schema().node_id]
+        assert info["display_name"] != info["name"] and info["description"], info["name"]
+        for group in ("required", "optional"):
+            for name, spec in info["input"].get(group, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{info['name']}.{name} has no tooltip"
