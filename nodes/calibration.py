@@ -173,14 +173,14 @@ def calibrate(model, positive, negative, latent_image, seed, cfg, steps, teacher
     for name in settings["methods"]:
         comfy.model_management.throw_exception_if_processing_interrupted()
         fits[name], diagnostics[name] = METHODS[name].fit(run, name)
-    if run._trajectory is not None:
+    if run.has_teacher:
         diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
         diagnostics["calibration_batch_rmse"] = calibration_batch_errors(run, fits, settings)
     calibration = Calibration(family=run.schedule.family, fingerprint=fingerprint, sigmas=run.sigmas.float(),
                               cfg=float(cfg), latent_shape=tuple(latent.shape[1:]), teacher=settings, fits=fits,
                               diagnostics=diagnostics)
     store.save(calibration, write_folder(), f"{run.schedule.family}-{steps}steps-cfg{cfg:g}-{key}")
-    return calibration, None if run._trajectory is None else run._trajectory.final
+    return calibration, run.trajectory.final if run.has_teacher else None
 
 
 def method_sigmas(calibration, method):

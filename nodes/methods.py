@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 
-import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -71,6 +70,10 @@ class CalibrationRun:
         return comfy.sample.sample_custom(self.model, noise, self.cfg, sampler, sigmas, self.positive, self.negative,
                                           latent, callback=callback, seed=self.seed,
                                           disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+
+    @property
+    def has_teacher(self) -> bool:
+        return self._trajectory is not None
 
     @property
     def trajectory(self) -> Trajectory:

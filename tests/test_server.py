@@ -161,3 +161,22 @@ def test_every_pack_input_and_node_is_explained(object_info):
             for name, spec in info["input"].get(group, {}).items():
                 options = spec[1] if len(spec) > 1 else {}
                 assert options.get("tooltip"), f"{info['name']}.{name} has no tooltip"
+
+
+def test_a_damaged_stored_calibration_is_listed_but_refused_with_a_message(comfy_server):
+    """A torn or foreign file in models/calibrations never breaks the node list; loading it fails with a
+    message in the error panel, and nothing from it is executed."""
+    folder = comfy_server.base / "models" / "calibrations"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    listed = comfy_server.get("/object_info/LoadCalibration")["LoadCalibration"]["input"]["required"]
+    assert "damaged.safetensors" in str(listed["calibration_name"])
+    prompt = {
+        "1": {"class_type": "LoadCalibration", "inputs": {"calibration_name": "damaged.safetensors"}},
+        "2": {"class_type": "CalibrationReport", "inputs": {"calibration": ["1", 0]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+    result = comfy_server.run_prompt(prompt)
+    assert result["status"]["status_str"] == "error"
+    assert "calibration damaged.safetensors is damaged or not a safetensors file" in str(result["status"]["messages"])
+    (folder / "damaged.safetensors").unlink()
