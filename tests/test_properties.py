@@ -1,15 +1,16 @@
 """Property tests (hypothesis): the optimizers under random but valid schedules, shapes and batch sizes,
 on a denoiser known in closed form (data ~ N(mu, s^2 I) per pixel: D(x, sigma) is exact).
 
-Invariants: plain coefficients reproduce ComfyUI's own solver bit for bit; fitting never raises a
-step's error on the calibration batch; everything stays finite; TimeRatios is exact at its knots and
-monotone between them."""
+Invariants: plain coefficients reproduce ComfyUI's own solver bit for bit; fitting (IIA, OLSS) never
+raises a step's error on the calibration batch above the plain solver's; everything stays finite;
+TimeRatios is exact at its knots and stays between its neighbouring values."""
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calibrated_samplers.optimizers import iia
+from calibrated_samplers.optimizers import iia, olss
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
+from calibrated_samplers.optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
 from calibrated_samplers.optimizers.timetuner import TimeRatios
 from comfy.k_diffusion import sampling
 
@@ -86,3 +87,25 @@ def test_time_ratios_exact_at_knots_and_between_neighbours(knots, values, probe)
     r = float(ratios(torch.tensor([probe], dtype=torch.float64)))
     lo, hi = min(values[:len(knots)]), max(values[:len(knots)])
     assert lo - 1e-12 <= r <= hi + 1e-12
+
+
+@SETTINGS
+@given(st.integers(2, 5), st.integers(1, 3), st.integers(1, 4), st.integers(20, 60), st.integers(0, 2 ** 16),
+       st.floats(-1.0, 1.0), st.floats(0.2, 2.0), st.data())
+def test_olss_fits_never_lose_to_ddim_on_their_path(steps, batch, width, teacher_steps, seed, mu, s, data):
+    """OLSS on a random teacher run and a random path: finite coefficients, and every step's error at
+    most that of DDIM written in the same basis (the least squares contain DDIM's coefficients)."""
+    model = GaussianDenoiser(mu, s)
+    grid = teacher_sigmas(SCHEDULE, teacher_steps)
+    trajectory = Trajectory(grid)
+    x = torch.randn(batch, 2, width, width, generator=torch.Generator().manual_seed(seed)) * grid[0]
+    sample_teacher(model, x, grid, schedule=SCHEDULE, trajectory=trajectory)
+    gram = olss.trajectory_gram(trajectory, SCHEDULE)
+    inner = data.draw(st.lists(st.integers(1, teacher_steps - 1), min_size=steps - 1, max_size=steps - 1,
+                               unique=True))
+    path = [0, *sorted(inner)]
+    fitted = olss.fit_olss(gram, path)
+    assert torch.isfinite(fitted.weights_x).all() and torch.isfinite(fitted.weights_d).all()
+    weights_x, weights_d = olss.ddim_coefficients(SCHEDULE, fitted.sigmas)
+    ddim = olss.step_errors(gram, path, weights_x, weights_d)
+    assert torch.all(fitted.errors <= ddim * (1 + 1e-4) + 1e-6)

@@ -1,0 +1,61 @@
+"""Markdown summaries of a quality benchmark's JSON (benchmarks/results/*.json), as quoted in the README.
+
+    $VENV/bin/python benchmarks/summarize.py benchmarks/results/calibrated.json
+
+Table 1: each calibrated method's held-out RMSE against the teacher, as a ratio to its plain solver on
+the same sigmas (IIA-DDIM to ddim, IIA/BIIA-Heun to heun, TimeTuner(X) to X), per scheduler.
+Table 2: the best of each method (over schedulers) and the best built-in, per model and NFE.
+"""
+import json
+import sys
+from collections import defaultdict
+
+PLAIN = {"iia_ddim": "ddim", "biia_heun": "heun", "iia_heun": "heun"}
+SHORT = {"karras": "K", "beta": "B", "simple": "S", "kl_optimal": "KL"}
+
+
+def plain_of(sampler):
+    return sampler[len("timetuner("):-1] if sampler.startswith("timetuner(") else PLAIN.get(sampler)
+
+
+def label(record):
+    name = record["method"].rsplit("_b", 1)[0]
+    return f"{name}({plain_of(record['sampler'])})" if record["sampler"].startswith("timetuner(") else name
+
+
+def tables(records):
+    plain = {(r["model"], r["nfe"], r["sampler"], r["scheduler"]): r["rmse"] for r in records
+             if r["method"] == "builtin"}
+    ratios = defaultdict(dict)
+    best = defaultdict(dict)
+    for r in records:
+        key = (r["model"], r["nfe"])
+        name = "built-in" if r["method"] == "builtin" else label(r)
+        if name not in best[key] or r["rmse"] < best[key][name]["rmse"]:
+            best[key][name] = r
+        base = plain_of(r["sampler"]) if r["method"] != "builtin" else None
+        if base and (r["model"], r["nfe"], base, r["scheduler"]) in plain:
+            ratios[(r["model"], label(r))][(r["nfe"], r["scheduler"])] = r["rmse"] / plain[
+                (r["model"], r["nfe"], base, r["scheduler"])]
+    nfes = sorted({r["nfe"] for r in records})
+    out = ["Ratio of held-out RMSE to the plain solver on the same sigmas (schedulers: "
+           + ", ".join(f"{v} {k}" for k, v in SHORT.items()) + "; below 1 is better)", "",
+           "| model | method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+    for (model, name), values in sorted(ratios.items()):
+        cells = []
+        for n in nfes:
+            cell = [f"{SHORT.get(s, s)} {v:.2f}" for (k, s), v in sorted(values.items()) if k == n]
+            cells.append(" ".join(cell))
+        out.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    methods = sorted({m for v in best.values() for m in v} - {"built-in"})
+    out += ["", "Best held-out RMSE of each method over schedulers, and the best built-in (14 samplers x 11+ schedulers)",
+            "", "| model | NFE | best built-in | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for (model, n), found in sorted(best.items()):
+        b = found["built-in"]
+        cells = [f"{found[m]['rmse']:.4f}" if m in found else "" for m in methods]
+        out.append(f"| {model} | {n} | {b['rmse']:.4f} ({b['sampler']}/{b['scheduler']}) | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(tables(json.load(open(sys.argv[1]))["records"]))
