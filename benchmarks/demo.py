@@ -49,10 +49,12 @@ def rows_for(name, teacher_steps, batch):
     empty = {"samples": torch.zeros(1, 4, 8, 8)}
     start = time.perf_counter()
     # every method at NFE steps; the Heun forms take two evaluations per step, so (NFE + 1) // 2 steps
-    calibration = CalibrateSampler.execute(case.model, positive, negative, empty, 0, CFG, NFE, teacher_steps, batch,
-                                           "all", scheduler=SCHEDULER, sampler_name=TIMETUNER_BASE).result[0]
-    heun = CalibrateSampler.execute(case.model, positive, negative, empty, 0, CFG, (NFE + 1) // 2, teacher_steps,
-                                    batch, "iia_heun", scheduler=SCHEDULER).result[0]
+    with torch.inference_mode():                     # as ComfyUI runs its nodes
+        calibration = CalibrateSampler.execute(case.model, positive, negative, empty, 0, CFG, NFE, teacher_steps,
+                                               batch, "all", scheduler=SCHEDULER,
+                                               sampler_name=TIMETUNER_BASE).result[0]
+        heun = CalibrateSampler.execute(case.model, positive, negative, empty, 0, CFG, (NFE + 1) // 2,
+                                        teacher_steps, batch, "iia_heun", scheduler=SCHEDULER).result[0]
     calibrate_seconds = time.perf_counter() - start
     err, label, x = best_builtin(case, teacher)
     rows.append((f"best built-in: {label}", err, None, x))

@@ -19,7 +19,8 @@ def fitted(case, labels, nfe, teacher_steps):
     _, _, _, run = request(case.model, torch.zeros(1, *case.noise.shape[1:]), case.cfg, max(nfe), teacher_steps,
                            len(labels), "olss", 0)
     run.positive, run.negative = case.module.conditioning(labels), case.module.null_conditioning(len(labels))
-    gram = run.gram[0]
+    with torch.inference_mode():                     # as ComfyUI runs its nodes
+        gram = run.gram[0]
     return {n: olss.fit_olss(gram, olss.search_path(gram, n)) for n in nfe}
 
 

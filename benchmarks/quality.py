@@ -94,7 +94,8 @@ def _teacher(case):
     if getattr(case, "calibration", None) is None:
         run = _request(case, max(CALIBRATION_BATCHES), 1)
         start = time.perf_counter()
-        trajectory = run.trajectory
+        with torch.inference_mode():
+            trajectory = run.trajectory
         case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "grams": {}}
     return case.calibration
 
@@ -140,7 +141,8 @@ def calibrated_runs(case, nfe):
             run = _calibration_run(case, batch, steps, scheduler, base)
             run.iia_substeps = substeps or run.iia_substeps
             start = time.perf_counter()
-            tensors, diagnostics = METHODS[method].fit(run, method)
+            with torch.inference_mode():                 # as ComfyUI runs its nodes
+                tensors, diagnostics = METHODS[method].fit(run, method)
             if method.startswith("olss"):
                 _teacher(case)["grams"][batch] = run.gram
             CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": method,

@@ -187,7 +187,7 @@ def _rmse(a, b) -> float:
 
 
 def _close(a, b) -> bool:
-    scale = float(b.double().abs().max()) if b.numel() else 0.0
+    scale = float(b.detach().double().abs().max()) if b.numel() else 0.0
     return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6 * max(scale, 1.0)))
 
 
