@@ -80,6 +80,13 @@ class _Panel:
         self.draw.text((WIDTH - 175, legend_y), label, fill="black", font=_font(12))
 
 
+def evaluations(calibration, label) -> int:
+    """Model evaluations of a method (or "sampler / scheduler" built-in) at the calibration's steps."""
+    two = {"biia_heun", "iia_heun", "heun", "dpm_2", "heunpp2"}
+    name = calibration.teacher.get("sampler_name") if label == "timetuner" else label.split(" / ")[0]
+    return 2 * calibration.nfe - 1 if name in two or label in two else calibration.nfe
+
+
 def draw_report(calibration) -> Image.Image:
     diagnostics = calibration.diagnostics
     errors = diagnostics.get("calibration_batch_rmse", {})
@@ -118,17 +125,18 @@ def draw_report(calibration) -> Image.Image:
         draw.text((MARGIN, y + 10), "No teacher run in this calibration (IIA only): no comparison with built-ins.",
                   fill="black", font=_font(14))
         return image
-    draw.text((MARGIN, y + 8), "Final RMSE against the teacher on the calibration batch (lower is better)",
-              fill="black", font=_font(18))
+    draw.text((MARGIN, y + 8), f"Final RMSE against the teacher on the calibration batch, {calibration.nfe} steps "
+              "(lower is better)", fill="black", font=_font(18))
     ranked = sorted(errors.items(), key=lambda kv: kv[1])
     best = max(v for _, v in ranked) or 1.0
     row = (PANEL - 60) / max(len(ranked), 1)
     for i, (label, value) in enumerate(ranked):
         y0 = y + 40 + i * row
-        length = (WIDTH - 2 * MARGIN - 260) * value / best
-        draw.rectangle([MARGIN + 180, y0, MARGIN + 180 + length, y0 + row * 0.7], fill=colors.get(label, GREY))
-        draw.text((MARGIN, y0), label, fill="black", font=_font(12))
-        draw.text((MARGIN + 186 + length, y0), f"{value:.4f}", fill="black", font=_font(12))
+        length = (WIDTH - 2 * MARGIN - 310) * value / best
+        draw.rectangle([MARGIN + 230, y0, MARGIN + 230 + length, y0 + row * 0.7], fill=colors.get(label, GREY))
+        draw.text((MARGIN, y0), f"{label} ({evaluations(calibration, label)} evaluations)", fill="black",
+                  font=_font(12))
+        draw.text((MARGIN + 236 + length, y0), f"{value:.4f}", fill="black", font=_font(12))
     return image
 
 
