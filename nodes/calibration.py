@@ -121,6 +121,12 @@ def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method,
         if scheduler not in comfy.samplers.SCHEDULER_NAMES:
             raise ValueError(f"scheduler {scheduler!r}: expected one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
         student = ksampler_sigmas(ms, scheduler, steps).double()
+        if len(student) - 1 != steps:
+            raise ValueError(f"scheduler {scheduler} gives {len(student) - 1} steps for steps {steps}: choose another "
+                             "steps or scheduler, or connect sigmas")
+        if "timetuner" in methods and float(student[0]) < schedule.sigma_max * (1 - 1e-3):
+            raise ValueError(f"scheduler {scheduler} starts at sigma {float(student[0]):.4g}, below the model's "
+                             f"{schedule.sigma_max:.4g}: TimeTuner needs a schedule from sigma_max (or connect sigmas)")
     if any(METHODS[m].needs_teacher for m in methods) and steps > teacher_steps // 2:
         raise ValueError(f"steps {steps} is too many for a {teacher_steps}-step teacher: use at most "
                          f"{teacher_steps // 2} steps, or raise teacher_steps to {2 * steps} or more")

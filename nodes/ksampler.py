@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from . import CATEGORY
 from ..optimizers.calibration import CalibrationMismatch
-from .calibration import CalibrationType, calibrate, checked_sampler, method_sigmas, method_tooltip
+from .calibration import FIXED_SCHEDULE, CalibrationType, calibrate, checked_sampler, method_sigmas, method_tooltip
 from .methods import METHODS, TIMETUNER_BASES
 
 
@@ -67,7 +67,7 @@ class CalibratedKSampler(io.ComfyNode):
         else:
             calibration.check_compatible(nfe=steps, cfg=cfg, latent_shape=tuple(samples.shape[1:]))
             for name, given in (("sampler_name", sampler_name if method == "timetuner" else None),
-                                ("scheduler", scheduler)):
+                                ("scheduler", scheduler if method in FIXED_SCHEDULE else None)):
                 fitted = calibration.teacher.get(name)
                 if given is not None and fitted is not None and given != fitted:
                     raise CalibrationMismatch(f"this calibration was fitted with {name} {fitted}, not {given}: "

@@ -82,9 +82,11 @@ class _Panel:
 
 def evaluations(calibration, label) -> int:
     """Model evaluations of a method (or "sampler / scheduler" built-in) at the calibration's steps."""
-    two = {"biia_heun", "iia_heun", "heun", "dpm_2", "heunpp2"}
+    n = calibration.nfe
     name = calibration.teacher.get("sampler_name") if label == "timetuner" else label.split(" / ")[0]
-    return 2 * calibration.nfe - 1 if name in two or label in two else calibration.nfe
+    if name == "heunpp2":                     # three per step, two at the penultimate, one at the last
+        return max(1, 3 * n - 3)
+    return 2 * n - 1 if name in {"biia_heun", "iia_heun", "heun", "dpm_2"} else n
 
 
 def draw_report(calibration) -> Image.Image:

@@ -89,6 +89,7 @@ class Trajectory:
             return self.final.float()
         if not 0 < sigma <= float(grid[0]) * (1 + 1e-6):
             raise ValueError(f"sigma {sigma:.4g} is outside the teacher's range (0, {float(grid[0]):.4g}]")
+        sigma = min(sigma, float(grid[0]))
         j = int(torch.nonzero(grid[:-1] >= sigma * (1 - 1e-7)).max())
         if math.isclose(float(grid[j]), sigma, rel_tol=1e-6):
             return self.states[j].float()

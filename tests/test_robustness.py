@@ -73,6 +73,7 @@ def test_non_finite_model_output_stores_nothing(model, folder, value, method):
     ({"scheduler": "nonexistent"}, "scheduler 'nonexistent'"),
     ({"iia_substeps": 1, "method": "iia_ddim"}, "iia_substeps 1"),
     ({"steps": 0}, "steps must be at least 1"),
+    ({"scheduler": "ddim_uniform", "steps": 7}, "scheduler ddim_uniform gives 8 steps for steps 7"),
 ])
 def test_bad_settings_are_refused_by_name(model, folder, options, message):
     with pytest.raises(ValueError, match=message):
@@ -96,3 +97,17 @@ def test_ksampler_with_a_calibration_for_another_latent_size(model):
                                    positive=gmm.conditioning([3]), negative=gmm.null_conditioning(),
                                    latent_image=latent, denoise=1.0, method="olss", teacher_steps=60,
                                    calibration_batch=4, calibration=calibration)
+
+
+def test_olss_from_an_all_calibration_ignores_the_scheduler(model):
+    """OLSS brings its own sigmas: KSampler (Calibrated) takes it from a calibration made with another
+    scheduler; IIA and TimeTuner keep the scheduler's sigmas and refuse another."""
+    calibration = calibrate(model, method="all")
+    common = dict(model=model, seed=1, steps=4, cfg=CFG, sampler_name="euler", scheduler="beta",
+                  positive=gmm.conditioning([3]), negative=gmm.null_conditioning(),
+                  latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0, teacher_steps=60,
+                  calibration_batch=4, calibration=calibration)
+    out = CalibratedKSampler.execute(method="olss", **common).result[0]["samples"]
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="scheduler karras, not beta"):
+        CalibratedKSampler.execute(method="iia_ddim", **common)
