@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import tinymodels  # noqa: E402
+from calibrated_samplers.nodes.methods import ksampler_sigmas  # noqa: E402
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule  # noqa: E402
 from calibrated_samplers.optimizers.teacher import sample_teacher, teacher_sigmas  # noqa: E402
 
@@ -91,9 +92,8 @@ def rmse(x, reference):
 
 
 def builtin_sigmas(case, scheduler, steps, sampler_name):
-    """Sigmas as ComfyUI's KSampler makes them (it drops the penultimate sigma for some samplers)."""
-    discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
-    return drop_penultimate(comfy.samplers.calculate_sigmas(case.model_sampling, scheduler, steps + discard), discard)
+    """Sigmas as ComfyUI's KSampler makes them (the nodes' own rule: `ksampler_sigmas`)."""
+    return ksampler_sigmas(case.model_sampling, scheduler, steps, sampler_name)
 
 
 def drop_penultimate(sigmas, drop=True):
