@@ -18,6 +18,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .. import calibration_cache as store
+from ..optimizers import iia
 from ..optimizers.calibration import Calibration, calibration_key
 from ..optimizers.coordinates import NoiseSchedule
 from . import CATEGORY
@@ -27,7 +28,7 @@ from .methods import (IIA_SUBSTEPS, METHODS, TIMETUNER_BASES, CalibrationRun, ca
 FOLDER = "calibrations"
 CalibrationType = io.Custom("CALIBRATION")
 TEACHER_SOLVER = "dpmpp_2m_lambda"
-FIXED_SCHEDULE = ("iia_ddim", "biia_heun", "iia_heun", "timetuner")     # sample on the scheduler's sigmas
+FIXED_SCHEDULE = (*iia.VARIANTS, "timetuner")     # the methods that sample on the scheduler's sigmas
 
 
 def _register_folder():
@@ -142,7 +143,7 @@ def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method,
         settings["scheduler"] = scheduler
     if "timetuner" in methods:
         settings["sampler_name"] = sampler_name
-    if any(m.startswith(("iia", "biia")) for m in methods):
+    if any(m in iia.VARIANTS for m in methods):
         settings["iia_substeps"] = int(iia_substeps)
     fingerprint = model_fingerprint(model)
     key = calibration_key(schedule.family, fingerprint, steps, cfg, latent.shape[1:], settings)
