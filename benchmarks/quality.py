@@ -83,7 +83,8 @@ CALIBRATION_TEACHER_STEPS = [500]
 CALIBRATION_COSTS = []
 CALIBRATED_SCHEDULERS = ["karras", "beta", "simple", "kl_optimal"]    # IIA and TimeTuner keep the schedule
 TIMETUNER_BASES = ["ddim", "dpmpp_2m", "uni_pc"]
-IIA_SUBSTEPS = [3]                                                     # M of the IIA fits (the paper: 3)
+IIA_SUBSTEPS = [3]                                       # M of the IIA fits to sub-steps (the paper: 3)
+IIA_TARGETS = ["teacher", "substeps"]                    # what IIA fits to (--iia-targets)
 CALIBRATED = ["olss", "olss_p", "iia_ddim", "biia_heun", "iia_heun", "timetuner"]   # which to fit (--methods)
 PLAIN = {"iia_ddim": "ddim", "biia_heun": "heun", "iia_heun": "heun"}   # and timetuner(X): X
 
@@ -133,13 +134,15 @@ def calibrated_runs(case, nfe):
     for batch in CALIBRATION_BATCHES:
         jobs = [(m, nfe, "karras", "euler", None) for m in ("olss", "olss_p")]
         for scheduler in CALIBRATED_SCHEDULERS:
-            for m in IIA_SUBSTEPS:
+            fits = [None] * ("teacher" in IIA_TARGETS) + IIA_SUBSTEPS * ("substeps" in IIA_TARGETS)
+            for m in fits:               # None: fitted to the teacher; else to m sub-steps
                 jobs += [("iia_ddim", nfe, scheduler, "euler", m), ("biia_heun", (nfe + 1) // 2, scheduler, "euler", m),
                          ("iia_heun", (nfe + 1) // 2, scheduler, "euler", m)]
             jobs += [("timetuner", nfe, scheduler, base, None) for base in TIMETUNER_BASES]
         for method, steps, scheduler, base, substeps in [job for job in jobs if job[0] in CALIBRATED]:
             run = _calibration_run(case, batch, steps, scheduler, base)
             run.iia_substeps = substeps or run.iia_substeps
+            run.iia_target = "substeps" if substeps else "teacher"
             start = time.perf_counter()
             with torch.inference_mode():                 # as ComfyUI runs its nodes
                 tensors, diagnostics = METHODS[method].fit(run, method)
@@ -154,7 +157,7 @@ def calibrated_runs(case, nfe):
             sampler = comfy.samplers.KSAMPLER(function, extra_options=options)
             name = f"timetuner({base})" if method == "timetuner" else method
             label = "calibrated" if method.startswith("olss") else scheduler
-            tag = f"_m{substeps}" if substeps and len(IIA_SUBSTEPS) > 1 else ""
+            tag = f"_m{substeps}" if substeps else "_teacher" if method in PLAIN else ""
             yield f"{method}{tag}_b{batch}", name, label, steps, sampler, tensors["sigmas"]
 
 
@@ -276,11 +279,14 @@ def main():
     parser.add_argument("--methods", nargs="+", default=CALIBRATED, choices=CALIBRATED,
                         help="calibrated methods to fit")
     parser.add_argument("--iia-substeps", nargs="+", type=int, default=IIA_SUBSTEPS, help="M of the IIA fits")
+    parser.add_argument("--iia-targets", nargs="+", default=IIA_TARGETS, choices=IIA_TARGETS,
+                        help="fit IIA to the teacher's states, to M sub-steps, or both")
     parser.add_argument("--quick", action="store_true", help="gmm_eps and digits_flow, guided only")
     parser.add_argument("--out", default=str(common.RESULTS / "quality"))
     args = parser.parse_args()
     CALIBRATION_BATCHES[:] = args.calibration_batches
     IIA_SUBSTEPS[:] = args.iia_substeps
+    IIA_TARGETS[:] = args.iia_targets
     CALIBRATED[:] = args.methods
     CALIBRATION_TEACHER_STEPS[:] = [args.teacher_steps]
     if args.quick:

@@ -22,8 +22,8 @@ from ..optimizers import iia
 from ..optimizers.calibration import Calibration, calibration_key
 from ..optimizers.coordinates import NoiseSchedule
 from . import CATEGORY
-from .methods import (IIA_SUBSTEPS, METHODS, TIMETUNER_BASES, CalibrationRun, calibration_batch_errors,
-                      ksampler_sigmas)
+from .methods import (IIA_SUBSTEPS, IIA_TARGETS, METHODS, TIMETUNER_BASES, CalibrationRun, calibration_batch_errors,
+                      ksampler_sigmas, needs_teacher)
 
 FOLDER = "calibrations"
 CalibrationType = io.Custom("CALIBRATION")
@@ -103,7 +103,7 @@ def _check_sigmas(sigmas, schedule):
 
 
 def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method, seed, sigmas=None,
-            scheduler="karras", sampler_name="euler", iia_substeps=IIA_SUBSTEPS):
+            scheduler="karras", sampler_name="euler", iia_substeps=IIA_SUBSTEPS, iia_target=IIA_TARGETS[0]):
     """(key, fingerprint, settings, CalibrationRun) of a calibration request, validated; `latent` is
     [B, C, H, W]. `settings` (JSON-able) is everything besides the model that the fits depend on."""
     ms = model.get_model_object("model_sampling")
@@ -128,7 +128,9 @@ def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method,
         if "timetuner" in methods and float(student[0]) < schedule.sigma_max * (1 - 1e-3):
             raise ValueError(f"scheduler {scheduler} starts at sigma {float(student[0]):.4g}, below the model's "
                              f"{schedule.sigma_max:.4g}: TimeTuner needs a schedule from sigma_max (or connect sigmas)")
-    if any(METHODS[m].needs_teacher for m in methods) and steps > teacher_steps // 2:
+    if iia_target not in IIA_TARGETS:
+        raise ValueError(f"iia_target {iia_target!r}: expected one of {', '.join(IIA_TARGETS)}")
+    if any(needs_teacher(m, iia_target) for m in methods) and steps > teacher_steps // 2:
         raise ValueError(f"steps {steps} is too many for a {teacher_steps}-step teacher: use at most "
                          f"{teacher_steps // 2} steps, or raise teacher_steps to {2 * steps} or more")
     if "timetuner" in methods and sampler_name not in TIMETUNER_BASES:
@@ -144,13 +146,16 @@ def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method,
     if "timetuner" in methods:
         settings["sampler_name"] = sampler_name
     if any(m in iia.VARIANTS for m in methods):
-        settings["iia_substeps"] = int(iia_substeps)
+        settings["iia_target"] = iia_target
+        if iia_target == "substeps":
+            settings["iia_substeps"] = int(iia_substeps)
     fingerprint = model_fingerprint(model)
     key = calibration_key(schedule.family, fingerprint, steps, cfg, latent.shape[1:], settings)
     run = CalibrationRun(model=model, positive=None, negative=None, latent=latent[:1], seed=int(seed), cfg=float(cfg),
                          batch=int(calibration_batch), schedule=schedule, steps=int(steps), sigmas=student,
                          fixed=fixed, scheduler=scheduler, sampler_name=sampler_name,
-                         teacher_steps=int(teacher_steps), iia_substeps=int(iia_substeps))
+                         teacher_steps=int(teacher_steps), iia_substeps=int(iia_substeps),
+                         iia_target=iia_target)
     return key, fingerprint, settings, run
 
 
@@ -165,11 +170,12 @@ def stored(key):
 
 def calibrate(model, positive, negative, latent_image, seed, cfg, steps, teacher_steps, calibration_batch,
               method="all", sigmas=None, refit=False, scheduler="karras", sampler_name="euler",
-              iia_substeps=IIA_SUBSTEPS):
+              iia_substeps=IIA_SUBSTEPS, iia_target=IIA_TARGETS[0]):
     """(Calibration, teacher final latent or None when there was no teacher run or it was reused)."""
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     key, fingerprint, settings, run = request(model, latent, cfg, steps, teacher_steps, calibration_batch, method,
-                                              seed, sigmas, scheduler, sampler_name, iia_substeps)
+                                              seed, sigmas, scheduler, sampler_name, iia_substeps,
+                                              iia_target)
     if not refit:
         found = stored(key)
         if found is not None:
@@ -266,8 +272,13 @@ class CalibrateSampler(io.ComfyNode):
                 io.Boolean.Input("refit", default=False, optional=True,
                                  tooltip="Calibrate again even if a matching stored calibration exists."),
                 io.Int.Input("iia_substeps", default=IIA_SUBSTEPS, min=2, max=50, optional=True,
-                             tooltip="M: finer sub-steps per step that IIA fits to (the paper: 3; 10 fits more "
-                                     "closely at a higher one-off cost)."),
+                             tooltip="M, for iia_target 'substeps': finer sub-steps per step that IIA fits to "
+                                     "(the paper: 3; 10 fits more closely at a higher one-off cost)."),
+                io.Combo.Input("iia_target", options=IIA_TARGETS, default=IIA_TARGETS[0], optional=True,
+                               tooltip="What each IIA step is fitted to: 'teacher', the teacher run's state at "
+                                       "the step's next sigma (shares the teacher with the other methods; much "
+                                       "lower error); 'substeps', M finer sub-steps of the same solver (the "
+                                       "paper's target, no teacher run)."),
             ],
             outputs=[CalibrationType.Output(display_name="calibration"),
                      io.Latent.Output(display_name="teacher_latent",
@@ -279,10 +290,10 @@ class CalibrateSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, cfg, steps, teacher_steps, calibration_batch,
                 method, scheduler="karras", sampler_name="euler", sigmas=None, refit=False,
-                iia_substeps=IIA_SUBSTEPS) -> io.NodeOutput:
+                iia_substeps=IIA_SUBSTEPS, iia_target=IIA_TARGETS[0]) -> io.NodeOutput:
         calibration, final = calibrate(model, positive, negative, latent_image, seed, cfg, steps, teacher_steps,
                                        calibration_batch, method, sigmas, refit, scheduler, sampler_name,
-                                       iia_substeps)
+                                       iia_substeps, iia_target)
         if final is None:       # reused, or no teacher: give the empty latent back
             final = latent_image["samples"]
         latent = {"samples": model.model.process_latent_out(final.to(torch.float32))}

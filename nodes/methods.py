@@ -28,6 +28,7 @@ TIMETUNER_BASES = ["euler", "ddim", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m
                    "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2"]
 IIA_SUBSTEPS = 3            # M, the paper's default
 IIA_HISTORY = 1             # r, the paper's default
+IIA_TARGETS = ["teacher", "substeps"]   # what each IIA step is fitted to (see `_fit_iia`)
 # Built-ins every calibration with a teacher is compared with, on the calibration batch (the report)
 SHORTLIST = ["euler", "dpmpp_2m", "uni_pc", "deis", "ipndm"]
 
@@ -56,6 +57,7 @@ class CalibrationRun:
     sampler_name: str               # TimeTuner's base sampler
     teacher_steps: int
     iia_substeps: int = IIA_SUBSTEPS
+    iia_target: str = IIA_TARGETS[0]
     _trajectory: Trajectory | None = None
     _gram: tuple | None = None
     teacher_seconds: float = 0.0
@@ -105,10 +107,14 @@ class CalibrationRun:
 class Method:
     name: str
     summary: str                                   # one line for tooltips
-    needs_teacher: bool
+    needs_teacher: bool                            # IIA: only with iia_target "teacher" (`needs_teacher`)
     fit: Callable                                  # (run, name) -> (tensors, diagnostics)
     sampler: Callable                              # (tensors, settings, schedule) -> (function, options)
                                                    # settings: the calibration's, plus "base" (TimeTuner)
+
+
+def needs_teacher(name, iia_target=IIA_TARGETS[0]):
+    return METHODS[name].needs_teacher or (name in iia.VARIANTS and iia_target == "teacher")
 
 
 def _finite(name, tensors):
@@ -120,21 +126,68 @@ def _finite(name, tensors):
 
 
 # --- OLSS ------------------------------------------------------------------------------------------
-def _fit_olss(run, name):
-    gram, gram_seconds = run.gram
-    start = time.perf_counter()
+def _olss_candidates(run, name, gram):
+    """{label: OLSSCoefficients fitted to the teacher's own outputs (eq. 12)}: the given sigmas' nearest
+    teacher steps; else, for OLSS, the searched path (Algorithm 3), the uniform path and the scheduler's
+    sigmas (DDIM's coefficients as the prior there: they are not teacher steps); for OLSS-P the uniform path."""
     if run.fixed:
         grid = run.trajectory.sigmas.double()
-        path = [int(torch.argmin((grid - s).abs())) for s in run.sigmas[:-1]]
-    elif name == "olss":
-        path = olss.search_path(gram, run.steps)
-    else:
-        path = olss.uniform_path(gram.teacher_steps, run.steps)
-    c = olss.fit_olss(gram, path)
-    tensors = {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
-               "weights_x": c.weights_x.double(), "weights_d": c.weights_d.double(), "errors": c.errors.double()}
-    return tensors, {"step_error": [float(e) for e in c.errors],
-                     "fit_seconds": time.perf_counter() - start + gram_seconds}
+        return {"given sigmas": olss.fit_olss(gram, [int(torch.argmin((grid - s).abs())) for s in run.sigmas[:-1]])}
+    candidates = {"uniform path": olss.fit_olss(gram, olss.uniform_path(gram.teacher_steps, run.steps))}
+    if name == "olss":
+        candidates["searched path"] = olss.fit_olss(gram, olss.search_path(gram, run.steps))
+        sigmas = run.sigmas.double()
+        grid = run.trajectory.sigmas.double()
+        path = tuple(int(torch.argmin((grid - s).abs())) for s in sigmas[:-1])
+        weights_x, weights_d = olss.ddim_coefficients(run.schedule, sigmas)
+        candidates[f"{run.scheduler} sigmas"] = olss.OLSSCoefficients(
+            path, sigmas.float(), weights_x, weights_d, torch.zeros(run.steps, dtype=torch.float64))
+    return candidates
+
+
+def _fit_olss(run, name):
+    """For each candidate schedule, the teacher-fitted coefficients and the same re-solved on the student's own
+    outputs (`olss.SequentialRefit`); keeps the one whose final x comes closest to the teacher's on the
+    calibration batch. A refit is judged by two-fold cross-validation (fitted on half the batch, measured on
+    the other half), so that it replaces the teacher fit only where it generalises."""
+    gram, gram_seconds = run.gram
+    start = time.perf_counter()
+    trajectory, final = run.trajectory, run.trajectory.final.double()
+    norm = float(gram.target_sq[-1].sqrt()) or 1.0
+    halves = [list(range(0, run.batch, 2)), list(range(1, run.batch, 2))]
+    scores, best, evaluations = {}, None, 0
+
+    def sample(c, rows=None, refit=True):
+        """(final x, coefficients, SequentialRefit) of one run: re-solving on `rows` (None: all), or measuring."""
+        nonlocal evaluations
+        evaluations += c.steps
+        ours = olss.OLSSCoefficients(c.path, c.sigmas, c.weights_x.clone(), c.weights_d.clone(), c.errors.clone())
+        sigmas = c.sigmas.double()[1:].tolist()
+        solver = olss.SequentialRefit([trajectory.state_at(run.schedule, s) for s in sigmas],
+                                      [run.schedule.native_scale(s) / norm for s in sigmas], rows=rows,
+                                      keep_prior=not refit)
+        x = run.sample(olss.sample_olss, c.sigmas.float(), coefficients=ours, refit=solver).cpu().double()
+        return x, ours, solver
+
+    for label, c in _olss_candidates(run, name, gram).items():
+        x, measured, solver = sample(c, refit=False)
+        scores[label] = {"teacher fit": float((x - final).pow(2).mean().sqrt())}
+        if best is None or scores[label]["teacher fit"] < best[0]:
+            best = scores[label]["teacher fit"], label, measured, solver
+        if run.batch >= 2:
+            held = [sample(c, rows=half)[0][other] - final[other] for half, other in zip(halves, halves[::-1])]
+            scores[label]["refit, cross-validated"] = float(torch.cat(held).pow(2).mean().sqrt())
+            if scores[label]["refit, cross-validated"] < best[0]:
+                best = scores[label]["refit, cross-validated"], label, c, None
+    _, label, c, solver = best
+    refitted = solver is None
+    if refitted:
+        _, c, solver = sample(c)
+    tensors = _finite(name, {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
+                             "weights_x": c.weights_x.double(), "weights_d": c.weights_d.double(),
+                             "errors": c.errors.double()})
+    return tensors, {"step_error": solver.errors, "schedule": label, "refit": refitted, "candidate_rmse": scores,
+                     "evaluations": evaluations, "fit_seconds": time.perf_counter() - start + gram_seconds}
 
 
 def _olss_sampler(tensors, settings, schedule):
@@ -145,11 +198,16 @@ def _olss_sampler(tensors, settings, schedule):
 
 # --- IIA -------------------------------------------------------------------------------------------
 def _fit_iia(run, name):
+    """Fitted step by step to the teacher's state at each next sigma (`iia_target` "teacher": the teacher
+    run is shared with the other methods, and fits what sampling is judged by), or to M finer sub-steps of
+    the same solver from the IIA sampler's own state (the paper's target; no teacher run)."""
     fit = iia.IIAFit(m=run.iia_substeps)
     start = time.perf_counter()
+    if run.iia_target == "teacher":
+        fit.targets = [run.trajectory.state_at(run.schedule, s) for s in run.sigmas[1:].tolist()]
     run.sample(iia.sample_iia, run.sigmas.float(), schedule=run.schedule, variant=name, r=IIA_HISTORY, fit=fit)
     tensors = _finite(name, {"sigmas": run.sigmas.float(), "coefficients": torch.stack(fit.coefficients)})
-    return tensors, {"step_error": fit.fit_error, "plain_step_error": fit.plain_error,
+    return tensors, {"step_error": fit.fit_error, "plain_step_error": fit.plain_error, "target": run.iia_target,
                      "evaluations": fit.evaluations, "fit_seconds": time.perf_counter() - start}
 
 

@@ -79,6 +79,8 @@ class IIAFit:
 
     m: int = 3
     ridge: float = 1e-9
+    targets: list | None = None                        # per step, a given target (the teacher's state at the
+                                                       # next sigma) instead of the M fine sub-steps
     coefficients: list = field(default_factory=list)   # one float64 tensor [k] per step
     plain_error: list = field(default_factory=list)    # per step, RMSE against the fine target with plain
     fit_error: list = field(default_factory=list)      # and with fitted coefficients (None: nothing fitted)
@@ -188,7 +190,8 @@ def sample_iia(model, x, sigmas, extra_args=None, callback=None, disable=None, *
         row = plain[i].clone() if fit is not None else coefficients[i]
         target = None
         if fit is not None and terms:
-            target = steps.fine(variant, x, sigma, sigma_next, denoised, fit.m)
+            target = (steps.fine(variant, x, sigma, sigma_next, denoised, fit.m) if fit.targets is None
+                      else fit.targets[i].to(x))
             row[columns] += least_squares([v for _, v in terms], target - step, fit.ridge)
             fit.plain_error.append(_rmse(step, target))
         for (column, vector) in terms:

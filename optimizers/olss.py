@@ -22,7 +22,7 @@ Pure torch and numpy; never imports comfy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -400,10 +400,67 @@ def calibrate_olss(trajectory: Trajectory, schedule: NoiseSchedule, steps: int, 
     return fit_olss(gram, path)
 
 
+@dataclass
+class SequentialRefit:
+    """Asks `sample_olss`, run on the calibration batch, to re-solve every step's eq. 12 on the student's own
+    outputs: the basis is x_T and the outputs D_j at the student's states (what the sampler will meet when
+    it samples), the target the teacher's state at the next student sigma (`targets`), and the earlier
+    steps already refitted. The path and the count of coefficients stay; only their values change.
+
+    The teacher-fitted coefficients are the prior of a relative ridge, so a degenerate batch keeps them.
+    """
+
+    targets: list                 # [n] teacher states [B, ...] at the student sigmas after the first
+    scales: list                  # [n] error scale per step (as `OLSSCoefficients.errors`)
+    ridge: float = 1e-6
+    ridges: tuple = (1e-6, 1e-4, 1e-2, 1, 1e2, 1e6)
+    rows: list | None = None      # fit on these samples only (the others are then held out)
+    keep_prior: bool = False      # only measure the errors of the given coefficients
+    chosen_ridges: list = field(default_factory=list)
+    errors: list = field(default_factory=list)         # per step, refitted
+    prior_errors: list = field(default_factory=list)   # per step, the teacher-fitted coefficients from the same state
+
+    def solve(self, i: int, basis: list, prior: torch.Tensor) -> torch.Tensor:
+        rows = slice(None) if self.rows is None else torch.as_tensor(self.rows)
+        b = torch.stack([v[rows].reshape(len(v[rows]), -1).double() for v in basis], -1)          # [B, L, k]
+        t = self.targets[i][rows].reshape(len(b), -1).to(b.device, torch.float64)
+        batch = len(b)
+        grams, rhss = b.transpose(1, 2) @ b, (b.transpose(1, 2) @ t[..., None])[..., 0]
+        prior = prior.to(b.device)
+        gram, rhs = grams.sum(0), rhss.sum(0)
+        d = gram.diagonal().clamp_min(0).sqrt()
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        eye = torch.eye(len(d), dtype=torch.float64, device=b.device)
+
+        def ridge_solve(g, c, ridge):
+            return torch.linalg.solve(g / (d[:, None] * d[None, :]) + ridge * eye, c / d + ridge * prior * d) / d
+
+        def loo(ridge):                 # leave-one-sample-out residual of this ridge
+            if batch < 2:
+                return 0.0
+            w = torch.stack([ridge_solve(gram - grams[s], rhs - rhss[s], ridge) for s in range(batch)])
+            return float(sum((t[s] - b[s] @ w[s]).pow(2).sum() for s in range(batch)))
+
+        if self.keep_prior:
+            w = prior
+        else:
+            ridge = min(self.ridges, key=loo) if self.ridges else self.ridge
+            self.chosen_ridges.append(ridge)
+            w = ridge_solve(gram, rhs, ridge)
+        t, b = t.reshape(-1), b.reshape(-1, len(d))
+        for store, coefficients in ((self.errors, w), (self.prior_errors, prior)):
+            store.append(float((t - b @ coefficients).norm()) * self.scales[i])
+        return w.cpu()
+
+
 @torch.no_grad()
-def sample_olss(model, x, sigmas, extra_args=None, callback=None, disable=None, coefficients: OLSSCoefficients = None):
+def sample_olss(model, x, sigmas, extra_args=None, callback=None, disable=None, coefficients: OLSSCoefficients = None,
+                refit: SequentialRefit | None = None):
     """OLSS sampler (Duan et al. 2023, eq. 12): one model evaluation per student sigma, then
-    x_{i+1} = w_x[i] x_T + sum_{j<=i} w_d[i, j] D_j with the fitted coefficients."""
+    x_{i+1} = w_x[i] x_T + sum_{j<=i} w_d[i, j] D_j with the fitted coefficients.
+
+    With `refit`, the coefficients are re-solved step by step on this run (`SequentialRefit`) and written
+    back into `coefficients`."""
     if coefficients is None:
         raise ValueError("sample_olss needs fitted OLSS coefficients (coefficients=...)")
     coefficients.check_sigmas(sigmas)
@@ -416,6 +473,12 @@ def sample_olss(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         outputs.append(denoised)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if refit is not None:
+            prior = torch.tensor([weights_x[i]] + weights_d[i][:i + 1], dtype=torch.float64)
+            w = refit.solve(i, [x_T] + outputs, prior)
+            coefficients.weights_x[i], coefficients.weights_d[i, :i + 1] = w[0], w[1:]
+            coefficients.errors[i] = refit.errors[-1]
+            weights_x[i], weights_d[i][:i + 1] = float(w[0]), w[1:].tolist()
         x = weights_x[i] * x_T
         for w, output in zip(weights_d[i][:i + 1], outputs):
             x = x.add(output, alpha=w)

@@ -53,14 +53,28 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     counted.set_model_sampler_post_cfg_function(_count(calls))
     calibration, teacher_latent, sigmas = _calibrate(counted)
     assert calibration.methods == sorted(METHODS) and calibration.nfe == 4
-    # every model call is accounted for: the teacher's, each fit's own (OLSS needs none of its own), and the
-    # report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1) and 5 built-ins, 4 steps
-    own = sum(calibration.diagnostics[m]["evaluations"] for m in ("iia_ddim", "biia_heun", "iia_heun", "timetuner"))
+    # every model call is accounted for: the teacher's, each fit's own (OLSS: per candidate schedule, a run with
+    # the teacher fit and two cross-validation refits, then the chosen refit; IIA fitted to the teacher: one
+    # run), and the report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1) and 5
+    # built-ins, 4 steps
+    own = sum(calibration.diagnostics[m]["evaluations"] for m in METHODS)
+    olss_fit = calibration.diagnostics["olss"]
+    assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["refit"])
+    assert calibration.diagnostics["iia_ddim"]["evaluations"] == 4
+    assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
     report = 4 * 4 + 2 * 7 + len(SHORTLIST) * 4
     assert len(calls) == 120 + own + report and teacher_latent["samples"].shape == (6, 4, 8, 8)
     assert set(calibration.diagnostics["calibration_batch_rmse"]) == set(METHODS) | {
         f"{name} / karras" for name in SHORTLIST}
     assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
+    # OLSS keeps the candidate (schedule, teacher fit or cross-validated refit) that came closest to the
+    # teacher; a kept teacher fit's stored coefficients replay its run
+    scores = olss_fit["candidate_rmse"]
+    assert set(scores) == {"searched path", "uniform path", "karras sigmas"}
+    chosen = scores[olss_fit["schedule"]]["refit, cross-validated" if olss_fit["refit"] else "teacher fit"]
+    assert chosen == min(v for s in scores.values() for v in s.values())
+    if not olss_fit["refit"]:
+        assert chosen == pytest.approx(calibration.diagnostics["calibration_batch_rmse"]["olss"], rel=1e-4)
     assert len(list(calibration_folder.iterdir())) == 1
     made = len(calls)
     again, _, sigmas_again = _calibrate(counted)
@@ -70,11 +84,12 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert len(calls) == 2 * made
 
 
-def test_iia_only_runs_no_teacher(model):
+def test_iia_fitted_to_substeps_runs_no_teacher(model):
     calls = []
     counted = model.clone()
     counted.set_model_sampler_post_cfg_function(_count(calls))
-    calibration, teacher_latent, sigmas = _calibrate(counted, method="iia_heun", teacher_steps=20)
+    calibration, teacher_latent, sigmas = _calibrate(counted, method="iia_heun", teacher_steps=20,
+                                                     iia_target="substeps")
     assert len(calls) == calibration.diagnostics["iia_heun"]["evaluations"]
     assert "teacher_seconds" not in calibration.diagnostics and torch.equal(teacher_latent["samples"], EMPTY["samples"])
     ms = model.get_model_object("model_sampling")
@@ -202,6 +217,6 @@ def test_report_draws_every_panel(model):
     image = CalibrationReport.execute(calibration).result[0]
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert 0 <= float(image.min()) and float(image.max()) <= 1 and image.std() > 0.05
-    without_teacher = _calibrate(model, method="iia_ddim")[0]
+    without_teacher = _calibrate(model, method="iia_ddim", iia_target="substeps")[0]
     short = CalibrationReport.execute(without_teacher).result[0]
     assert short.shape[1] < image.shape[1]

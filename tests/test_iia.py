@@ -7,6 +7,7 @@ import comfy.sample
 import comfy.samplers
 from calibrated_samplers.optimizers import iia
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
+from calibrated_samplers.optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
 from tinymodels import gmm
 
 CFG = 2.0
@@ -100,3 +101,26 @@ def test_wrong_coefficients_refused(case):
     sigmas = _sigmas(model, 3)
     with pytest.raises(ValueError, match="do not fit"):
         _run(model, _iia(schedule, "iia_ddim", coefficients=torch.zeros(5, 2)), sigmas, _noise(1, 0))
+
+
+@pytest.mark.parametrize("variant", iia.VARIANTS)
+def test_fit_to_the_teacher_lowers_every_step_and_the_final_error(case, variant):
+    """iia_target 'teacher': each step fitted to the teacher's state at its next sigma, with no evaluations
+    besides the run itself; every step's error from the same state and the final error drop below plain."""
+    model, schedule = case
+    steps = 4 if variant == "iia_ddim" else 3
+    sigmas = _sigmas(model, steps)
+    noise = _noise(8, 2)
+    trajectory = Trajectory(teacher_sigmas(schedule, 120))
+    _run(model, comfy.samplers.KSAMPLER(sample_teacher, extra_options={"schedule": schedule,
+                                                                       "trajectory": trajectory}),
+         trajectory.sigmas, noise)
+    fit = iia.IIAFit(targets=[trajectory.state_at(schedule, s) for s in sigmas[1:].tolist()])
+    fitted = _run(model, _iia(schedule, variant, fit=fit), sigmas, noise)
+    assert fit.evaluations == iia.evaluations(variant, steps)
+    pairs = [(p, f) for p, f in zip(fit.plain_error, fit.fit_error) if f is not None]
+    assert len(pairs) == (steps - 1 if variant == "iia_ddim" else steps)
+    assert all(after <= before * (1 + 1e-6) + 1e-6 for before, after in pairs)
+    plain = _run(model, comfy.samplers.sampler_object("ddim" if variant == "iia_ddim" else "heun"), sigmas, noise)
+    rmse = [float((x.double() - trajectory.final.double()).pow(2).mean().sqrt()) for x in (fitted, plain)]
+    assert rmse[0] < rmse[1], rmse
