@@ -141,7 +141,7 @@ def request(model, latent, cfg, steps, teacher_steps, calibration_batch, method,
     settings = {"steps": int(teacher_steps), "solver": TEACHER_SOLVER, "seed": int(seed),
                 "batch": int(calibration_batch), "methods": methods,
                 "fixed_sigmas": [round(float(v), 6) for v in student] if fixed else None}
-    if not fixed and any(m in FIXED_SCHEDULE for m in methods):
+    if not fixed and any(m in FIXED_SCHEDULE or m == "olss" for m in methods):     # OLSS tries the scheduler's too
         settings["scheduler"] = scheduler
     if "timetuner" in methods:
         settings["sampler_name"] = sampler_name
@@ -263,7 +263,8 @@ class CalibrateSampler(io.ComfyNode):
                 io.Combo.Input("method", options=["all", *METHODS], default="all",
                                tooltip=method_tooltip("Which methods to fit; 'all' fits every one. ")),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
-                               tooltip="Student sigmas for IIA and TimeTuner (OLSS searches its own)."),
+                               tooltip="Student sigmas for IIA and TimeTuner; OLSS tries them beside its searched "
+                                       "teacher steps and keeps whichever fits better."),
                 io.Combo.Input("sampler_name", options=TIMETUNER_BASES, default="euler",
                                tooltip="The sampler TimeTuner tunes the time input of."),
                 io.Sigmas.Input("sigmas", optional=True,

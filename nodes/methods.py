@@ -97,8 +97,9 @@ class CalibrationRun:
     def gram(self):
         """(OLSS Gram matrices of the teacher trajectory, seconds), made once."""
         if self._gram is None:
+            trajectory = self.trajectory            # (the teacher run is not the Gram matrix's time)
             start = time.perf_counter()
-            gram = olss.trajectory_gram(self.trajectory, self.schedule)
+            gram = olss.trajectory_gram(trajectory, self.schedule)
             self._gram = gram, time.perf_counter() - start
         return self._gram
 

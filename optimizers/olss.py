@@ -17,6 +17,11 @@ submatrix of G and of G M^T. Per-step errors are measured in the family's own sc
 V models: x_c times `NoiseSchedule.native_scale`) relative to the norm of the teacher's final x, so
 the bisection bracket does not depend on how ComfyUI scales its states.
 
+Beyond the paper, `SequentialRefit` re-solves each step's coefficients while the sampler runs on the
+calibration batch, with the student's own outputs as basis (those the sampler meets when it samples,
+not the teacher's); the calibration node keeps such a refit only where cross-validation says it
+generalises (`nodes/methods.py`).
+
 Pure torch and numpy; never imports comfy.
 """
 from __future__ import annotations
@@ -407,13 +412,14 @@ class SequentialRefit:
     it samples), the target the teacher's state at the next student sigma (`targets`), and the earlier
     steps already refitted. The path and the count of coefficients stay; only their values change.
 
-    The teacher-fitted coefficients are the prior of a relative ridge, so a degenerate batch keeps them.
+    The given (teacher-fitted) coefficients are the prior of a relative ridge; each step takes the ridge of
+    `ridges` with the smallest leave-one-sample-out error, so a small or degenerate batch keeps the prior
+    where the data cannot support more.
     """
 
     targets: list                 # [n] teacher states [B, ...] at the student sigmas after the first
     scales: list                  # [n] error scale per step (as `OLSSCoefficients.errors`)
-    ridge: float = 1e-6
-    ridges: tuple = (1e-6, 1e-4, 1e-2, 1, 1e2, 1e6)
+    ridges: tuple = (1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e6)
     rows: list | None = None      # fit on these samples only (the others are then held out)
     keep_prior: bool = False      # only measure the errors of the given coefficients
     chosen_ridges: list = field(default_factory=list)
@@ -444,7 +450,7 @@ class SequentialRefit:
         if self.keep_prior:
             w = prior
         else:
-            ridge = min(self.ridges, key=loo) if self.ridges else self.ridge
+            ridge = min(self.ridges, key=loo)
             self.chosen_ridges.append(ridge)
             w = ridge_solve(gram, rhs, ridge)
         t, b = t.reshape(-1), b.reshape(-1, len(d))
