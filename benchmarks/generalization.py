@@ -12,16 +12,28 @@ import common
 import comfy.samplers
 import torch
 from calibrated_samplers.nodes.calibration import request
-from calibrated_samplers.optimizers import olss
+from calibrated_samplers.nodes.methods import METHODS
 
 
 def fitted(case, labels, nfe, teacher_steps):
-    _, _, _, run = request(case.model, torch.zeros(1, *case.noise.shape[1:]), case.cfg, max(nfe), teacher_steps,
-                           len(labels), "olss", 0)
-    run.positive, run.negative = case.module.conditioning(labels), case.module.null_conditioning(len(labels))
-    with torch.inference_mode():                     # as ComfyUI runs its nodes
-        gram = run.gram[0]
-    return {n: olss.fit_olss(gram, olss.search_path(gram, n)) for n in nfe}
+    """{NFE: (sampler function, options, sigmas)} of OLSS as the Calibrate node fits it (refit and candidate
+    choice included), on one teacher run with these calibration labels."""
+    runs = {}
+    for n in nfe:
+        _, _, _, run = request(case.model, torch.zeros(1, *case.noise.shape[1:]), case.cfg, n, teacher_steps,
+                               len(labels), "olss", 0)
+        run.positive, run.negative = case.module.conditioning(labels), case.module.null_conditioning(len(labels))
+        if runs:                                     # one teacher for every NFE
+            first = next(iter(runs.values()))
+            run._trajectory, run._gram = first._trajectory, first._gram
+        runs[n] = run
+    out = {}
+    for n, run in runs.items():
+        with torch.inference_mode():                 # as ComfyUI runs its nodes
+            tensors, _ = METHODS["olss"].fit(run, "olss")
+        function, options = METHODS["olss"].sampler(tensors, {}, case.schedule)
+        out[n] = function, options, tensors["sigmas"]
+    return out
 
 
 def main():
@@ -39,9 +51,9 @@ def main():
         every = fitted(case, torch.arange(args.batch) % 10, args.nfe, args.teacher_steps)
         for n in args.nfe:
             errors = []
-            for coefficients in (one[n], every[n]):
-                sampler = comfy.samplers.KSAMPLER(olss.sample_olss, extra_options={"coefficients": coefficients})
-                errors.append(common.rmse(case.sample(sampler, coefficients.sigmas.float()), teacher))
+            for function, options, sigmas in (one[n], every[n]):
+                sampler = comfy.samplers.KSAMPLER(function, extra_options=options)
+                errors.append(common.rmse(case.sample(sampler, sigmas.float()), teacher))
             print(f"| {name} | {n} | {errors[0]:.4f} | {errors[1]:.4f} | {errors[0] / errors[1]:.2f} |", flush=True)
 
 
