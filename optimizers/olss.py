@@ -427,25 +427,34 @@ class SequentialRefit:
     prior_errors: list = field(default_factory=list)   # per step, the teacher-fitted coefficients from the same state
 
     def solve(self, i: int, basis: list, prior: torch.Tensor) -> torch.Tensor:
-        rows = slice(None) if self.rows is None else torch.as_tensor(self.rows)
-        b = torch.stack([v[rows].reshape(len(v[rows]), -1).double() for v in basis], -1)          # [B, L, k]
-        t = self.targets[i][rows].reshape(len(b), -1).to(b.device, torch.float64)
-        batch = len(b)
-        grams, rhss = b.transpose(1, 2) @ b, (b.transpose(1, 2) @ t[..., None])[..., 0]
-        prior = prior.to(b.device)
-        gram, rhs = grams.sum(0), rhss.sum(0)
+        """Step i's coefficients from basis [x_T, D_0, ..., D_i] (each [B, ...]); records both errors.
+
+        Works on per-sample Gram matrices (k x k, float64), one sample's basis at a time, so memory stays
+        at one latent's basis whatever the batch: |t - B w|^2 = t.t - 2 w.(B^T t) + w.(B^T B) w."""
+        rows = range(len(basis[0])) if self.rows is None else self.rows
+        grams, rhss, squares = [], [], []
+        for s in rows:
+            b = torch.stack([v[s].reshape(-1) for v in basis], 1).double()
+            t = self.targets[i][s].reshape(-1).to(b.device, torch.float64)
+            grams.append(b.T @ b)
+            rhss.append(b.T @ t)
+            squares.append(t @ t)
+        grams, rhss, squares = torch.stack(grams), torch.stack(rhss), torch.stack(squares)
+        prior = prior.to(grams)
+        gram, rhs, square = grams.sum(0), rhss.sum(0), squares.sum(0)
         d = gram.diagonal().clamp_min(0).sqrt()
         d = torch.where(d > 0, d, torch.ones_like(d))
-        eye = torch.eye(len(d), dtype=torch.float64, device=b.device)
+        eye = torch.eye(len(d), dtype=torch.float64, device=d.device)
+
+        def residual(g, c, q, w):              # |t - B w|^2 from the Gram blocks
+            return float((q - 2 * w @ c + w @ g @ w).clamp_min(0))
 
         def ridge_solve(g, c, ridge):
             return torch.linalg.solve(g / (d[:, None] * d[None, :]) + ridge * eye, c / d + ridge * prior * d) / d
 
-        def loo(ridge):                 # leave-one-sample-out residual of this ridge
-            if batch < 2:
-                return 0.0
-            w = torch.stack([ridge_solve(gram - grams[s], rhs - rhss[s], ridge) for s in range(batch)])
-            return float(sum((t[s] - b[s] @ w[s]).pow(2).sum() for s in range(batch)))
+        def loo(ridge):                        # leave-one-sample-out residual of this ridge
+            return sum(residual(grams[s], rhss[s], squares[s], ridge_solve(gram - grams[s], rhs - rhss[s], ridge))
+                       for s in range(len(grams))) if len(grams) > 1 else 0.0
 
         if self.keep_prior:
             w = prior
@@ -453,9 +462,8 @@ class SequentialRefit:
             ridge = min(self.ridges, key=loo)
             self.chosen_ridges.append(ridge)
             w = ridge_solve(gram, rhs, ridge)
-        t, b = t.reshape(-1), b.reshape(-1, len(d))
         for store, coefficients in ((self.errors, w), (self.prior_errors, prior)):
-            store.append(float((t - b @ coefficients).norm()) * self.scales[i])
+            store.append(residual(gram, rhs, square, coefficients) ** 0.5 * self.scales[i])
         return w.cpu()
 
 
