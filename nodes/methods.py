@@ -93,6 +93,15 @@ class CalibrationRun:
             self._trajectory = trajectory
         return self._trajectory
 
+    def teacher_states(self, sigmas) -> list:
+        """The teacher's state at each of `sigmas` (a fit's targets)."""
+        return [self.trajectory.state_at(self.schedule, float(s)) for s in sigmas]
+
+    def nearest_teacher_steps(self, sigmas) -> list:
+        """The index of the teacher sigma nearest to each of `sigmas`."""
+        grid = self.trajectory.sigmas.double()
+        return [int(torch.argmin((grid - float(s)).abs())) for s in sigmas]
+
     @property
     def gram(self):
         """(OLSS Gram matrices of the teacher trajectory, seconds), made once."""
@@ -132,17 +141,14 @@ def _olss_candidates(run, name, gram):
     teacher steps; else, for OLSS, the searched path (Algorithm 3), the uniform path and the scheduler's
     sigmas (DDIM's coefficients as the prior there: they are not teacher steps); for OLSS-P the uniform path."""
     if run.fixed:
-        grid = run.trajectory.sigmas.double()
-        return {"given sigmas": olss.fit_olss(gram, [int(torch.argmin((grid - s).abs())) for s in run.sigmas[:-1]])}
+        return {"given sigmas": olss.fit_olss(gram, run.nearest_teacher_steps(run.sigmas[:-1]))}
     candidates = {"uniform path": olss.fit_olss(gram, olss.uniform_path(gram.teacher_steps, run.steps))}
     if name == "olss":
         candidates["searched path"] = olss.fit_olss(gram, olss.search_path(gram, run.steps))
         sigmas = run.sigmas.double()
-        grid = run.trajectory.sigmas.double()
-        path = tuple(int(torch.argmin((grid - s).abs())) for s in sigmas[:-1])
         weights_x, weights_d = olss.ddim_coefficients(run.schedule, sigmas)
         candidates[f"{run.scheduler} sigmas"] = olss.OLSSCoefficients(
-            path, sigmas.float(), weights_x, weights_d, torch.zeros(run.steps, dtype=torch.float64))
+            tuple(run.nearest_teacher_steps(sigmas[:-1])), sigmas.float(), weights_x, weights_d, torch.zeros(run.steps, dtype=torch.float64))
     return candidates
 
 
@@ -153,37 +159,36 @@ def _fit_olss(run, name):
     the other half), so that it replaces the teacher fit only where it generalises."""
     gram, gram_seconds = run.gram
     start = time.perf_counter()
-    trajectory, final = run.trajectory, run.trajectory.final.double()
+    final = run.trajectory.final.double()
     norm = float(gram.target_sq[-1].sqrt()) or 1.0
     halves = [list(range(0, run.batch, 2)), list(range(1, run.batch, 2))]
     scores, best, evaluations = {}, None, 0
 
-    def sample(c, rows=None, refit=True):
+    def sample(c, targets, rows=None, refit=True):
         """(final x, coefficients, SequentialRefit) of one run: re-solving on `rows` (None: all), or measuring."""
         nonlocal evaluations
         evaluations += c.steps
-        ours = olss.OLSSCoefficients(c.path, c.sigmas, c.weights_x.clone(), c.weights_d.clone(), c.errors.clone())
-        sigmas = c.sigmas.double()[1:].tolist()
-        solver = olss.SequentialRefit([trajectory.state_at(run.schedule, s) for s in sigmas],
-                                      [run.schedule.native_scale(s) / norm for s in sigmas], rows=rows,
-                                      keep_prior=not refit)
+        ours = c.copy()
+        scales = [run.schedule.native_scale(float(s)) / norm for s in c.sigmas[1:]]
+        solver = olss.SequentialRefit(targets, scales, rows=rows, keep_prior=not refit)
         x = run.sample(olss.sample_olss, c.sigmas.float(), coefficients=ours, refit=solver).cpu().double()
         return x, ours, solver
 
     for label, c in _olss_candidates(run, name, gram).items():
-        x, measured, solver = sample(c, refit=False)
+        targets = run.teacher_states(c.sigmas[1:])
+        x, measured, solver = sample(c, targets, refit=False)
         scores[label] = {"teacher fit": float((x - final).pow(2).mean().sqrt())}
         if best is None or scores[label]["teacher fit"] < best[0]:
-            best = scores[label]["teacher fit"], label, measured, solver
+            best = scores[label]["teacher fit"], label, measured, solver, targets
         if run.batch >= 2:
-            held = [sample(c, rows=half)[0][other] - final[other] for half, other in zip(halves, halves[::-1])]
+            held = [sample(c, targets, rows=half)[0][other] - final[other] for half, other in zip(halves, halves[::-1])]
             scores[label]["refit, cross-validated"] = float(torch.cat(held).pow(2).mean().sqrt())
             if scores[label]["refit, cross-validated"] < best[0]:
-                best = scores[label]["refit, cross-validated"], label, c, None
-    _, label, c, solver = best
+                best = scores[label]["refit, cross-validated"], label, c, None, targets
+    _, label, c, solver, targets = best
     refitted = solver is None
     if refitted:
-        _, c, solver = sample(c)
+        _, c, solver = sample(c, targets)
     tensors = _finite(name, {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
                              "weights_x": c.weights_x.double(), "weights_d": c.weights_d.double(),
                              "errors": c.errors.double()})
@@ -205,7 +210,7 @@ def _fit_iia(run, name):
     fit = iia.IIAFit(m=run.iia_substeps)
     start = time.perf_counter()
     if run.iia_target == "teacher":
-        fit.targets = [run.trajectory.state_at(run.schedule, s) for s in run.sigmas[1:].tolist()]
+        fit.targets = run.teacher_states(run.sigmas[1:])
     run.sample(iia.sample_iia, run.sigmas.float(), schedule=run.schedule, variant=name, r=IIA_HISTORY, fit=fit)
     tensors = _finite(name, {"sigmas": run.sigmas.float(), "coefficients": torch.stack(fit.coefficients)})
     return tensors, {"step_error": fit.fit_error, "plain_step_error": fit.plain_error, "target": run.iia_target,
@@ -224,8 +229,7 @@ def _iia_sampler_for(name):
 def _fit_timetuner(run, name):
     sigmas = run.sigmas if run.fixed else ksampler_sigmas(
         run.model.get_model_object("model_sampling"), run.scheduler, run.steps, run.sampler_name).double()
-    trajectory = run.trajectory
-    targets = [trajectory.state_at(run.schedule, s) for s in sigmas[1:].tolist()]
+    targets = run.teacher_states(sigmas[1:])
     base = comfy.samplers.sampler_object(run.sampler_name)
     result = {}
     start = time.perf_counter()

@@ -235,6 +235,10 @@ class OLSSCoefficients:
     def steps(self) -> int:
         return len(self.path)
 
+    def copy(self) -> "OLSSCoefficients":
+        return OLSSCoefficients(self.path, self.sigmas, self.weights_x.clone(), self.weights_d.clone(),
+                                self.errors.clone())
+
     def check_sigmas(self, sigmas):
         ours = self.sigmas.detach().cpu().double()
         theirs = torch.as_tensor(sigmas).detach().cpu().double()

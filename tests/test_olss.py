@@ -237,7 +237,7 @@ def test_sequential_refit_lowers_every_step_and_the_calibration_error(calibrated
     replay its run. (Whether that generalises is for cross-validation to say: see the next test.)"""
     _, model, schedule, trajectory, gram, _ = calibrated
     prior = olss.fit_olss(gram, olss.search_path(gram, steps))
-    ours = _copy(prior)
+    ours = prior.copy()
     refit = _refit(schedule, trajectory, prior)
     noise = _noise(CALIBRATION, 0)
     fitted = _run(model, _olss_sampler(ours, refit), prior.sigmas, noise)
@@ -259,18 +259,14 @@ def test_refit_on_some_rows_ignores_the_others(calibrated):
     for seed in (0, 1):
         noise = _noise(CALIBRATION, 0)
         noise[1::2] = _noise(CALIBRATION // 2, 100 + seed)       # other samples off the fitted rows
-        ours = _copy(prior)
+        ours = prior.copy()
         _run(model, _olss_sampler(ours, _refit(schedule, trajectory, prior, rows=rows)), prior.sigmas, noise)
         fits.append(ours.weights_d)
     assert torch.allclose(fits[0], fits[1], rtol=1e-9, atol=1e-12) and not torch.equal(fits[0], prior.weights_d)
-    kept = _copy(prior)
+    kept = prior.copy()
     measured = _refit(schedule, trajectory, prior, keep_prior=True)
     _run(model, _olss_sampler(kept, measured), prior.sigmas, _noise(CALIBRATION, 0))
     assert torch.equal(kept.weights_d, prior.weights_d) and len(measured.errors) == 4
-
-
-def _copy(c):
-    return olss.OLSSCoefficients(c.path, c.sigmas, c.weights_x.clone(), c.weights_d.clone(), c.errors.clone())
 
 
 def _refit(schedule, trajectory, c, **options):
