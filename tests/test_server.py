@@ -20,10 +20,31 @@ def test_pack_nodes_are_listed(object_info, comfy_server):
     assert "CalibratedSamplersTinyModel" in object_info
 
 
+def _tiny_model(model_name, batch_size):
+    return {"class_type": "CalibratedSamplersTinyModel",
+            "inputs": {"model_name": model_name, "label": 3, "batch_size": batch_size}}
+
+
+_TINY = {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3]}   # node "1"
+
+
+def _calibrate_node(**inputs):
+    """Calibrate Sampler on the tiny model of node "1"; `inputs` overrides the defaults."""
+    return {"class_type": "CalibrateSampler", "inputs": {
+        **_TINY, "seed": 0, "cfg": 2.0, "steps": 4, "teacher_steps": 100, "calibration_batch": 4, "method": "all",
+        "scheduler": "karras", "sampler_name": "euler", "refit": False, **inputs}}
+
+
+def _ksampler_node(**inputs):
+    """KSampler (Calibrated) on the tiny model of node "1"; `inputs` overrides the defaults."""
+    return {"class_type": "CalibratedKSampler", "inputs": {
+        **_TINY, "seed": 3, "steps": 4, "cfg": 2.0, "method": "olss", "sampler_name": "euler", "scheduler": "karras",
+        "denoise": 1.0, "teacher_steps": 100, "calibration_batch": 4, **inputs}}
+
+
 def _sampler_custom_prompt(model_name, sigmas_node):
     return {
-        "1": {"class_type": "CalibratedSamplersTinyModel",
-              "inputs": {"model_name": model_name, "label": 3, "batch_size": 2}},
+        "1": _tiny_model(model_name, 2),
         "2": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "uni_pc"}},
         "3": sigmas_node,
         "4": {"class_type": "SamplerCustom",
@@ -63,12 +84,8 @@ def test_calibrate_then_olss_workflow(comfy_server):
     """Calibrate Sampler -> OLSS / IIA / TimeTuner Sampler + Calibration Sigmas -> SamplerCustom, and
     KSampler (Calibrated), through /prompt."""
     prompt = {
-        "1": {"class_type": "CalibratedSamplersTinyModel",
-              "inputs": {"model_name": "gmm_flow", "label": 3, "batch_size": 2}},
-        "2": {"class_type": "CalibrateSampler",
-              "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3],
-                         "seed": 0, "cfg": 2.0, "steps": 4, "teacher_steps": 100, "calibration_batch": 4,
-                         "method": "all", "scheduler": "karras", "sampler_name": "dpmpp_2m", "refit": False}},
+        "1": _tiny_model("gmm_flow", 2),
+        "2": _calibrate_node(sampler_name="dpmpp_2m"),
         "3": {"class_type": "OLSSSampler", "inputs": {"calibration": ["2", 0], "variant": "olss"}},
         "4": {"class_type": "CalibrationSigmas", "inputs": {"calibration": ["2", 0], "method": "olss"}},
         "5": {"class_type": "SamplerCustom",
@@ -76,11 +93,7 @@ def test_calibrate_then_olss_workflow(comfy_server):
                          "positive": ["1", 1], "negative": ["1", 2], "sampler": ["3", 0],
                          "sigmas": ["4", 0], "latent_image": ["1", 3]}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "olss"}},
-        "7": {"class_type": "CalibratedKSampler",
-              "inputs": {"model": ["1", 0], "seed": 3, "steps": 4, "cfg": 2.0, "method": "olss_p",
-                         "sampler_name": "euler", "scheduler": "karras",
-                         "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 1.0,
-                         "teacher_steps": 100, "calibration_batch": 4}},
+        "7": _ksampler_node(method="olss_p"),
         "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "ks"}},
     }
     for n, (node, variant) in enumerate([("IIASampler", "iia_heun"), ("TimeTunerSampler", None)]):
@@ -103,13 +116,8 @@ def test_calibrate_then_olss_workflow(comfy_server):
 def test_a_failing_node_reports_its_message(comfy_server):
     """A calibrated KSampler asked for img2img fails with its message in the history (the error panel)."""
     prompt = {
-        "1": {"class_type": "CalibratedSamplersTinyModel",
-              "inputs": {"model_name": "gmm_eps", "label": 3, "batch_size": 1}},
-        "2": {"class_type": "CalibratedKSampler",
-              "inputs": {"model": ["1", 0], "seed": 3, "steps": 4, "cfg": 2.0, "method": "olss",
-                         "sampler_name": "euler", "scheduler": "karras",
-                         "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 0.5,
-                         "teacher_steps": 100, "calibration_batch": 4}},
+        "1": _tiny_model("gmm_eps", 1),
+        "2": _ksampler_node(denoise=0.5),
         "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "bad"}},
     }
     result = comfy_server.run_prompt(prompt)
@@ -124,12 +132,8 @@ def test_cancel_stops_calibration_promptly_and_stores_nothing(comfy_server):
     folder = comfy_server.base / "models" / "calibrations"
     before = set(folder.glob("*.safetensors")) if folder.exists() else set()
     prompt = {
-        "1": {"class_type": "CalibratedSamplersTinyModel",
-              "inputs": {"model_name": "gmm_eps", "label": 3, "batch_size": 1}},
-        "2": {"class_type": "CalibrateSampler",
-              "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3],
-                         "seed": 11, "cfg": 2.0, "steps": 5, "teacher_steps": 4000, "calibration_batch": 256,
-                         "method": "olss", "scheduler": "karras", "sampler_name": "euler", "refit": True}},
+        "1": _tiny_model("gmm_eps", 1),
+        "2": _calibrate_node(seed=11, steps=5, teacher_steps=4000, calibration_batch=256, method="olss", refit=True),
         "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 1], "filename_prefix": "cancelled"}},
     }
     pid = comfy_server.post("/prompt", {"prompt": prompt})["prompt_id"]
