@@ -72,6 +72,8 @@ def test_non_finite_model_output_stores_nothing(model, folder, value, method):
     ({"method": "timetuner", "sampler_name": "euler_ancestral"}, "deterministic sampler"),
     ({"scheduler": "nonexistent"}, "scheduler 'nonexistent'"),
     ({"iia_substeps": 1, "method": "iia_ddim"}, "iia_substeps 1"),
+    ({"iia_target": "fine", "method": "iia_ddim"}, "iia_target 'fine'"),
+    ({"iia_target": "teacher", "method": "iia_heun", "steps": 11, "teacher_steps": 20}, "too many for a 20-step"),
     ({"steps": 0}, "steps must be at least 1"),
     ({"scheduler": "ddim_uniform", "steps": 7}, "scheduler ddim_uniform gives 8 steps for steps 7"),
 ])
@@ -79,6 +81,18 @@ def test_bad_settings_are_refused_by_name(model, folder, options, message):
     with pytest.raises(ValueError, match=message):
         calibrate(model, **options)
     assert list(folder.iterdir()) == []
+
+
+def test_settings_a_fit_depends_on_get_their_own_stored_calibration(model, folder):
+    """OLSS tries the scheduler's sigmas, and IIA's target changes its fit: each is stored under its own key
+    (a reused calibration for the other setting would be wrong); the OLSS-P fit does not depend on either."""
+    for method, options in [("olss", {"scheduler": "karras"}), ("olss", {"scheduler": "beta"}),
+                            ("iia_ddim", {"iia_target": "teacher"}), ("iia_ddim", {"iia_target": "substeps"})]:
+        calibrate(model, method=method, **options)
+    assert len(list(folder.iterdir())) == 4
+    calibrate(model, method="olss_p", scheduler="karras")
+    calibrate(model, method="olss_p", scheduler="beta")
+    assert len(list(folder.iterdir())) == 5
 
 
 def test_calibration_is_reproducible_from_its_seed(model):
