@@ -69,16 +69,37 @@ def _digest_value(digest, value, depth=0):
         digest.update(getattr(value, "__qualname__", type(value).__qualname__).encode())
 
 
+_WEIGHTS_DIGEST = "_calibrated_samplers_weights_digest"
+
+
+def _weights_digest(model) -> bytes:
+    """A hash of the diffusion model's own weights (a strided sample of every tensor), made once per model.
+
+    ComfyUI applies LoRA and other weight patches in place while a model is loaded, keeping the original
+    tensors in the patcher's `backup` (shared by its clones); those originals are hashed, so the hash is
+    the same loaded or not, and the patches are hashed on their own (`model_fingerprint`)."""
+    base = model.model
+    cached = base.__dict__.get(_WEIGHTS_DIGEST)
+    if cached is None:
+        digest = hashlib.sha256()
+        backup = getattr(model, "backup", {})
+        for name, t in base.diffusion_model.state_dict().items():
+            original = backup.get(f"diffusion_model.{name}")
+            digest.update(name.encode())
+            _digest_value(digest, t if original is None else original.weight)
+        cached = digest.digest()
+        base.__dict__[_WEIGHTS_DIGEST] = cached
+    return cached
+
+
 def model_fingerprint(model) -> str:
-    """A hash of what changes the model's output: weights (a strided sample of every tensor), LoRA and
-    other weight patches with their strengths, the model_sampling object (shift nodes replace it),
-    and the names of installed wrappers and CFG functions."""
+    """A hash of what changes the model's output: weights (`_weights_digest`), LoRA and other weight patches
+    with their strengths, the model_sampling object (shift nodes replace it), and the names of installed
+    wrappers and CFG functions."""
     digest = hashlib.sha256()
     base = model.model
     digest.update(f"{type(base).__name__}:{base.model_type.name}".encode())
-    for name, t in base.diffusion_model.state_dict().items():
-        digest.update(name.encode())
-        _digest_value(digest, t)
+    digest.update(_weights_digest(model))
     _digest_value(digest, model.patches)
     ms = model.get_model_object("model_sampling")
     digest.update(type(ms).__mro__[1].__name__.encode())

@@ -125,3 +125,50 @@ def test_olss_from_an_all_calibration_ignores_the_scheduler(model):
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="scheduler karras, not beta"):
         CalibratedKSampler.execute(method="iia_ddim", **common)
+
+
+def _with_lora_patch(patcher):
+    """A clone with a LoRA-like weight patch (ComfyUI applies it in place while the model is loaded)."""
+    patched = patcher.clone()
+    key = next(k for k in patched.model_state_dict() if k.startswith("diffusion_model.input_blocks.0.0.weight"))
+    weight = patched.model_state_dict()[key]
+    patched.add_patches({key: (torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.05,)}, 1.0)
+    return patched
+
+
+def test_fingerprint_is_the_same_loaded_or_not():
+    """ComfyUI patches LoRA weights into the shared model while it is loaded: the fingerprint hashes the
+    original weights plus the patches, so it does not depend on what happens to be loaded."""
+    import comfy.model_management
+    from calibrated_samplers.nodes.calibration import model_fingerprint
+    from tinymodels import digits
+
+    unloaded = _with_lora_patch(digits.build_model("eps"))
+    loaded = _with_lora_patch(digits.build_model("eps"))        # the same weights and patch, another instance
+    comfy.model_management.load_models_gpu([loaded])
+    try:
+        assert loaded.backup, "the patch should be applied in place while loaded"
+        assert model_fingerprint(loaded) == model_fingerprint(unloaded)
+        plain = digits.build_model("eps")
+        assert model_fingerprint(plain) != model_fingerprint(unloaded)      # the patch itself still counts
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def test_a_calibration_of_a_lora_patched_model_samples():
+    """Calibrated before the patched model is loaded, sampled while it is: the same model, no mismatch."""
+    import comfy.model_management
+    from tinymodels import digits
+
+    comfy.model_management.unload_all_models()
+    patched = _with_lora_patch(digits.build_model("eps"))
+    empty = {"samples": torch.zeros(1, 4, 8, 8)}
+    calibration = CalibrateSampler.execute(patched, digits.conditioning([3]), digits.null_conditioning(1), empty, 0,
+                                           CFG, 2, 8, 2, "iia_ddim").result[0]
+    try:
+        out = SamplerCustom.execute(patched, True, 10_000, CFG, digits.conditioning([3]), digits.null_conditioning(1),
+                                    IIASampler.execute(calibration, "iia_ddim").result[0],
+                                    CalibrationSigmas.execute(calibration, "iia_ddim").result[0], empty).result[0]
+        assert torch.isfinite(out["samples"]).all()
+    finally:
+        comfy.model_management.unload_all_models()
