@@ -3,7 +3,7 @@
 SETUP := bash tools/setup_host.sh
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-generalization setup
+.PHONY: demo test bench bench-generalization bench-ceilings setup
 
 setup:
 	@$(SETUP) >/dev/null
@@ -19,3 +19,6 @@ bench:
 
 bench-generalization:
 	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/generalization.py $(ARGS)
+
+bench-ceilings:
+	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/ceilings.py $(ARGS)

@@ -272,3 +272,29 @@ def test_refit_on_some_rows_ignores_the_others(calibrated):
 def _refit(schedule, trajectory, c, **options):
     sigmas = c.sigmas.double()[1:].tolist()
     return olss.SequentialRefit([trajectory.state_at(schedule, s) for s in sigmas], [1.0] * len(sigmas), **options)
+
+
+def test_joint_refit_never_raises_the_final_error_and_replays(calibrated):
+    """JointRefit (all coefficients and interior sigmas for the final x, Levenberg-Marquardt): the fitted rows'
+    error never rises, it counts its evaluations, measures the other rows, and the coefficients and sigmas it
+    writes back replay its final x."""
+    _, model, schedule, trajectory, gram, _ = calibrated
+    start = olss.fit_olss(gram, olss.search_path(gram, 4))
+    ours = start.copy()
+    rows = list(range(0, CALIBRATION, 2))
+    joint = olss.JointRefit(trajectory.final, iterations=2, rows=rows)
+    noise = _noise(CALIBRATION, 0)
+    tuned = _run(model, comfy.samplers.KSAMPLER(olss.refine_olss, extra_options={"coefficients": ours, "joint": joint}),
+                 start.sigmas, noise)
+    assert len(joint.errors) == len(joint.held_errors) == 3
+    assert all(b <= a for a, b in zip(joint.errors, joint.errors[1:]))
+    assert joint.errors[-1] < joint.errors[0]
+    # per iteration: the Jacobian (sum over steps i < n - 1 of (i + 2)(n - 1 - i), plus n - i per sigma i) and
+    # at least one trial run of n; plus the first run
+    n = 4
+    jacobian = sum((i + 2) * (n - 1 - i) for i in range(n - 1)) + sum(n - i for i in range(1, n))
+    assert joint.evaluations >= n + 2 * (jacobian + n)
+    assert torch.all(ours.sigmas[1:] < ours.sigmas[:-1])
+    replay = _run(model, _olss_sampler(ours), ours.sigmas, noise)
+    assert torch.allclose(replay, tuned, atol=1e-5)
+    assert _rmse(replay[rows], trajectory.final[rows]) == pytest.approx(joint.errors[-1], rel=1e-4)
