@@ -49,7 +49,7 @@ def timetuner_ceiling(cal, held, teacher, nfe, scheduler, base, maxfev):
     ones = np.ones(len(tensors["ratios"]))
     start = time.perf_counter()
     minimize(calibration_error, tensors["ratios"].numpy(), method="Powell", bounds=[(0.3, 3.0)] * len(ones),
-                     options={"maxfev": maxfev, "xtol": 1e-3})
+             options={"maxfev": maxfev, "xtol": 1e-3})
     best_error, best = min(seen, key=lambda t: t[0])
     return {"method": f"timetuner({base})", "nfe": nfe, "scheduler": scheduler,
             "plain": common.rmse(_sample(held, "timetuner", with_ratios(ones), settings), teacher),
