@@ -64,8 +64,7 @@ def olss_ceiling(cal, held, teacher, nfe, iterations):
     run = quality._calibration_run(cal, quality.CALIBRATION_BATCHES[0], nfe)
     with torch.inference_mode():
         tensors, diagnostics = METHODS["olss"].fit(run, "olss")
-    coefficients = olss.OLSSCoefficients(tuple(int(i) for i in tensors["path"]), tensors["sigmas"],
-                                         tensors["weights_x"].clone(), tensors["weights_d"].clone(), tensors["errors"])
+    coefficients = METHODS["olss"].sampler(tensors, {}, cal.schedule)[1]["coefficients"].copy()
     joint = olss.JointRefit(run.trajectory.final, iterations=iterations)
     start = time.perf_counter()
     with torch.inference_mode():

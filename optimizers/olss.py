@@ -554,13 +554,14 @@ def refine_olss(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     x_T = x
 
     def rollout(wx, wd, sig, start=0, state=None, outputs=()):
-        """(final x, outputs) from step `start` (its input `state`, earlier outputs given)."""
-        outputs, state = list(outputs), x_T if state is None else state
+        """(final x, outputs, states) from step `start` (its input `state`, earlier outputs given); states[k]
+        is step start + k's input."""
+        outputs, states = list(outputs), [x_T if state is None else state]
         for i in range(start, n):
-            outputs.append(model(state, sig[i] * s_in, **extra_args))
+            outputs.append(model(states[-1], sig[i] * s_in, **extra_args))
             joint.evaluations += 1
-            state = _combine(float(wx[i]), wd[i, :i + 1].tolist(), x_T, outputs)
-        return state, outputs
+            states.append(_combine(float(wx[i]), wd[i, :i + 1].tolist(), x_T, outputs))
+        return states[-1], outputs, states
 
     def error(final, rows=rows):
         return float((final[rows].double() - target[rows]).pow(2).mean())
@@ -570,24 +571,23 @@ def refine_olss(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         if others:
             joint.held_errors.append(error(final, others) ** 0.5)
 
-    def jacobian(wx, wd, sig, final, outputs):
+    def jacobian(wx, wd, sig, final, outputs, states):
         columns = []
         for i in range(n):
             basis = [x_T] + outputs[:i + 1]
             if i == n - 1:
                 columns += [v[rows].reshape(-1) for v in basis]
                 continue
-            state = _combine(float(wx[i]), wd[i, :i + 1].tolist(), x_T, outputs[:i + 1])
+            state = states[i + 1]
             for v in basis:
                 h = joint.relative_step * float(state.norm()) / max(float(v.norm()), 1e-30)
-                moved, _ = rollout(wx, wd, sig, i + 1, state + h * v, outputs[:i + 1])
+                moved = rollout(wx, wd, sig, i + 1, state + h * v, outputs[:i + 1])[0]
                 columns.append(((moved[rows] - final[rows]) / h).reshape(-1))
         if joint.tune_sigmas:
             for i in range(1, n):
-                state = _combine(float(wx[i - 1]), wd[i - 1, :i].tolist(), x_T, outputs[:i])
                 moved_sig = sig.clone()
                 moved_sig[i] = sig[i] * math.exp(joint.relative_step)
-                moved, _ = rollout(wx, wd, moved_sig, i, state, outputs[:i])
+                moved = rollout(wx, wd, moved_sig, i, states[i], outputs[:i])[0]
                 columns.append(((moved[rows] - final[rows]) / joint.relative_step).reshape(-1))
         return torch.stack([c.double() for c in columns], 1)
 
@@ -604,12 +604,12 @@ def refine_olss(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
     wx, wd = coefficients.weights_x.clone(), coefficients.weights_d.clone()
     sig = sigmas.detach().clone()
-    final, outputs = rollout(wx, wd, sig)
+    final, outputs, states = rollout(wx, wd, sig)
     loss = error(final)
     record(final, loss)
     damping = joint.damping
     for _ in range(joint.iterations):
-        jac = jacobian(wx, wd, sig, final, outputs)
+        jac = jacobian(wx, wd, sig, final, outputs, states)
         residual = (final[rows].double() - target[rows]).reshape(-1)
         normal, gradient = jac.T @ jac, jac.T @ residual
         scale = normal.diagonal().clamp_min(1e-30)
@@ -617,10 +617,11 @@ def refine_olss(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             theta = torch.linalg.solve(normal + damping * torch.diag(scale), -gradient)
             new_wx, new_wd, new_sig = unpack(theta, wx, wd, sig)
             if bool(torch.all(new_sig[1:] < new_sig[:-1])) and bool(torch.isfinite(theta).all()):
-                new_final, new_outputs = rollout(new_wx, new_wd, new_sig)
+                new_final, new_outputs, new_states = rollout(new_wx, new_wd, new_sig)
                 new_loss = error(new_final)
                 if new_loss < loss:
-                    wx, wd, sig, final, outputs, loss = new_wx, new_wd, new_sig, new_final, new_outputs, new_loss
+                    wx, wd, sig, loss = new_wx, new_wd, new_sig, new_loss
+                    final, outputs, states = new_final, new_outputs, new_states
                     damping = max(damping / 3, 1e-6)
                     break
             damping *= 10
