@@ -52,18 +52,20 @@ class Case:
         model, module = tinymodels.load(name)
         ms = model.get_model_object("model_sampling")
         labels = torch.arange(batch) % 10 if labels is None else torch.as_tensor(labels)
+        shape = (model.model.latent_format.latent_channels, 8, 8)
         return cls(name, model, module, NoiseSchedule.from_model_sampling(ms), cfg,
-                   noise_batch(batch, seed), labels)
+                   noise_batch(batch, seed, shape), labels)
 
     @property
     def model_sampling(self):
         return self.model.get_model_object("model_sampling")
 
     def sample(self, sampler, sigmas, model=None):
-        """Final latent of ComfyUI's own sampling call (SamplerCustom's path) with this case's noise,
-        under inference mode as ComfyUI runs its nodes."""
+        """Final x of ComfyUI's own sampling call (SamplerCustom's path) with this case's noise, under
+        inference mode as ComfyUI runs its nodes, in the model's own space (errors are comparable across
+        latent formats: ComfyUI's LATENT output is divided by the format's scale and shifted)."""
         with torch.inference_mode():
-            return self._sample(sampler, sigmas, model)
+            return self.model.model.process_latent_in(self._sample(sampler, sigmas.clone(), model))
 
     def _sample(self, sampler, sigmas, model):
         return comfy.sample.sample_custom(

@@ -18,7 +18,7 @@ import torch
 from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
 from comfy_extras.nodes_gits import GITSScheduler
 
-MODELS = ["gmm_eps", "gmm_v_prediction", "gmm_flow", "digits_eps", "digits_flow"]
+MODELS = ["gmm_eps", "gmm_v_prediction", "gmm_flow", "digits_eps", "digits_flow", "sharp_sd15", "sharp_flux"]
 NFES = [4, 5, 6, 8, 10]
 CFGS = [1.0, 3.0]
 

@@ -222,7 +222,7 @@ def method_sigmas(calibration, method):
     if method not in calibration.fits:
         raise ValueError(f"this calibration holds {', '.join(calibration.methods)}, not {method}: "
                          f"calibrate with method '{method}' or 'all'")
-    return calibration.fits[method]["sigmas"].float()
+    return calibration.fits[method]["sigmas"].float().clone()     # a copy: some samplers write into sigmas
 
 
 def checked_sampler(calibration, method, base=None):
@@ -317,8 +317,9 @@ class CalibrateSampler(io.ComfyNode):
                                        calibration_batch, method, sigmas, refit, scheduler, sampler_name,
                                        iia_substeps, iia_target)
         if final is None:       # reused, or no teacher: give the empty latent back
-            final = latent_image["samples"]
-        latent = {"samples": model.model.process_latent_out(final.to(torch.float32))}
+            latent = {"samples": latent_image["samples"]}
+        else:                   # the teacher's final x is in the model's own space
+            latent = {"samples": model.model.process_latent_out(final.to(torch.float32))}
         first = next(m for m in METHODS if m in calibration.fits)
         return io.NodeOutput(calibration, latent, method_sigmas(calibration, first))
 

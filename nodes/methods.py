@@ -64,14 +64,23 @@ class CalibrationRun:
 
     def sample(self, function, sigmas, **options):
         """Final x of `function` run as a KSAMPLER inside ComfyUI's sampling call, on the calibration
-        noises (the same noises for every method and the teacher)."""
+        noises (the same noises for every method and the teacher), in the model's own space: the x that
+        `function` returns, where the teacher's states are recorded too, not the LATENT that ComfyUI
+        makes of it (`process_latent_out`). `sigmas` are copied: some ComfyUI samplers write into them."""
         latent = self.latent[:1].repeat(self.batch, *[1] * (self.latent.ndim - 1))
         noise = comfy.sample.prepare_noise(latent, self.seed)
-        sampler = comfy.samplers.KSAMPLER(function, extra_options=options)
+        final = []
+
+        def recorded(*args, **kwargs):
+            final.append(function(*args, **kwargs))
+            return final[-1]
+
+        sampler = comfy.samplers.KSAMPLER(recorded, extra_options=options)
         callback = latent_preview.prepare_callback(self.model, len(sigmas) - 1)
-        return comfy.sample.sample_custom(self.model, noise, self.cfg, sampler, sigmas, self.positive, self.negative,
-                                          latent, callback=callback, seed=self.seed,
-                                          disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        comfy.sample.sample_custom(self.model, noise, self.cfg, sampler, sigmas.clone(), self.positive, self.negative,
+                                   latent, callback=callback, seed=self.seed,
+                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        return final[-1]
 
     @property
     def has_teacher(self) -> bool:

@@ -94,12 +94,12 @@ class Calibration:
         from .coordinates import FAMILIES
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}")
-        s = self.sigmas
-        if s.ndim != 1 or len(s) < 2 or not torch.isfinite(s).all() or s[-1] != 0 or not torch.all(s[1:] < s[:-1]):
-            raise ValueError("sigmas must be a finite, strictly decreasing 1-D schedule ending in 0")
+        _check_schedule("sigmas", self.sigmas)
         if not math.isfinite(self.cfg) or not self.latent_shape or min(self.latent_shape) < 1:
             raise ValueError("cfg must be finite and latent_shape positive")
         for method, tensors in self.fits.items():
+            if "sigmas" in tensors:
+                _check_schedule(f"{method}.sigmas", tensors["sigmas"])
             for name, t in tensors.items():
                 if not t.is_floating_point() and t.dtype not in (torch.int64, torch.int32):
                     raise ValueError(f"{method}.{name} has dtype {t.dtype}")
@@ -122,6 +122,11 @@ class Calibration:
         if cfg is not None and not math.isclose(cfg, self.cfg, rel_tol=1e-6, abs_tol=1e-6):
             raise CalibrationMismatch(f"this calibration was fitted at cfg {self.cfg:g}, not {cfg:g}: "
                                       "use that cfg or calibrate again")
+
+
+def _check_schedule(name, s):
+    if s.ndim != 1 or len(s) < 2 or not torch.isfinite(s).all() or s[-1] != 0 or not torch.all(s[1:] < s[:-1]):
+        raise ValueError(f"{name} must be a finite, strictly decreasing 1-D schedule ending in 0")
 
 
 def calibration_key(family, fingerprint, nfe, cfg, latent_shape, teacher) -> str:

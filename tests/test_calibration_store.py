@@ -127,3 +127,18 @@ def test_killed_and_concurrent_writers_never_leave_a_torn_file(tmp_path):
         assert value in (1.0, 2.0)
         assert torch.all(record.fits["olss"]["weights_d"] == value)
     assert list_names(tmp_path) == ["shared.safetensors"]
+
+
+@pytest.mark.parametrize("sigmas", [[14.6, 2.0, 0.5, 0.001], [14.6, 2.0, 2.0, 0.0], [14.6, float("nan"), 0.5, 0.0]])
+def test_every_method_schedule_must_end_in_zero_on_save_and_load(tmp_path, sigmas):
+    """A method's own sigmas are checked like the record's (uni_pc once wrote 0.001 into a stored last sigma)."""
+    bad = _record(fits={"timetuner": {"sigmas": torch.tensor(sigmas), "ratios": torch.ones(3, dtype=torch.float64)}})
+    with pytest.raises(ValueError, match="timetuner.sigmas"):
+        save(bad, tmp_path, "bad")
+    assert list(tmp_path.iterdir()) == []
+    good = _record(fits={"timetuner": {"sigmas": torch.tensor([14.6, 2.0, 0.5, 0.0]),
+                                       "ratios": torch.ones(3, dtype=torch.float64)}})
+    tensors, metadata = good.tensors(), good.metadata()
+    tensors["timetuner.sigmas"] = torch.tensor(sigmas)
+    with pytest.raises(ValueError, match="timetuner.sigmas"):
+        Calibration.from_tensors(tensors, metadata)

@@ -5,6 +5,7 @@ import json
 import urllib.request
 
 import pytest
+import torch
 
 import workflow_format as wf
 from host import ROOT
@@ -55,15 +56,15 @@ def test_workflow_matches_the_nodes(path, object_info):
     assert any(n["type"] in wf.FRONTEND_ONLY for n in workflow["nodes"]) or workflow["groups"], "explain the workflow"
 
 
-def tiny_prompt(prompt):
-    """The API prompt with the SD1.5 checkpoint, prompts, empty latent and VAE swapped for the tiny model."""
+def tiny_prompt(prompt, model_name="gmm_eps"):
+    """The API prompt with the SD1.5 checkpoint, prompts, empty latent and VAE swapped for a tiny model."""
     swap = {}
     tiny = None
     for node_id, node in prompt.items():
         if node["class_type"] == "CheckpointLoaderSimple":
             tiny = node_id
             prompt[node_id] = {"class_type": "CalibratedSamplersTinyModel",
-                               "inputs": {"model_name": "gmm_eps", "label": 3, "batch_size": 2}}
+                               "inputs": {"model_name": model_name, "label": 3, "batch_size": 2}}
     for node_id, node in list(prompt.items()):
         if node["class_type"] == "EmptyLatentImage":
             swap[node_id] = [tiny, 3]
@@ -93,6 +94,30 @@ def test_workflow_runs_on_the_tiny_model(path, object_info, comfy_server):
     prompt = tiny_prompt(wf.to_api(json.loads(path.read_text()), object_info))
     result = comfy_server.run_prompt(prompt)
     assert result.get("status", {}).get("status_str") == "success", (path.name, result, comfy_server.output())
+
+
+@pytest.mark.parametrize("checkpoint, channels", [("sd15", 4), ("flux", 16)])
+@pytest.mark.parametrize("name", ["calibrate_then_olss", "calibrated_ksampler"])
+def test_workflow_runs_on_a_model_built_like_a_real_checkpoint(name, checkpoint, channels, object_info, comfy_server):
+    """The closed-form model in SD1.5's and Flux's latent formats: the saved latents are in LATENT space, that
+    is the unit-scale data the model sees, passed through the format's process_latent_out."""
+    import comfy.latent_formats
+    import safetensors.torch
+    fmt = {"sd15": comfy.latent_formats.SD15, "flux": comfy.latent_formats.Flux}[checkpoint]()
+    prefix = f"{name}_{checkpoint}"
+    prompt = tiny_prompt(wf.to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), object_info),
+                         f"sharp_{checkpoint}")
+    for node in prompt.values():
+        if node["class_type"] == "SaveLatent":
+            node["inputs"]["filename_prefix"] = f"{prefix}_{node['inputs']['filename_prefix']}"
+    result = comfy_server.run_prompt(prompt)
+    assert result.get("status", {}).get("status_str") == "success", (result, comfy_server.output())
+    saved = sorted((comfy_server.base / "output").rglob(f"{prefix}_*.latent"))
+    assert saved
+    for path in saved:
+        latent = safetensors.torch.load_file(str(path))["latent_tensor"]
+        assert latent.shape[1] == channels and torch.isfinite(latent).all()
+        assert 0.5 < float(fmt.process_in(latent).std()) < 2, path.name
 
 
 def test_template_browser_lists_them(comfy_server):

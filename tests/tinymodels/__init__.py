@@ -1,13 +1,16 @@
 """Test-only ComfyUI custom node: hands the pack's tiny real models to a running ComfyUI.
 
 Copied (or linked) into a test server's custom_nodes; never shipped as part of the pack's nodes.
-Models: the closed-form Gaussian mixture as EPS, V-prediction and flow (CONST) models, and the
-trained digits UNet as EPS and flow models. Conditionings select a class (0-9); the negative is the
+Models: the closed-form Gaussian mixture as EPS, V-prediction and flow (CONST) models (latent format of
+scale 1), the sharp closed-form mixture built like real checkpoints (`sharp_<checkpoint>`: SD1.5, SD2,
+SDXL, SD3 and Flux model configs and latent formats, as ComfyUI defines them), and the trained digits UNet
+as EPS and flow models. Conditionings select a class (0-9); the negative is the
 unconditional one, for classifier-free guidance.
 """
 import torch
 
-MODELS = ("gmm_eps", "gmm_v_prediction", "gmm_flow", "digits_eps", "digits_flow")
+MODELS = ("gmm_eps", "gmm_v_prediction", "gmm_flow", "digits_eps", "digits_flow",
+          "sharp_sd15", "sharp_sd2", "sharp_sdxl", "sharp_sd3", "sharp_flux")
 
 
 def load(name):
@@ -16,6 +19,10 @@ def load(name):
     if kind == "gmm":
         from . import gmm
         return gmm.build_model(family), gmm
+    if kind == "sharp":            # sharp_<checkpoint>, or sharp_<checkpoint>_scale1: its identity-format twin
+        from . import gmm
+        checkpoint, _, twin = family.partition("_")
+        return gmm.build_like(checkpoint, scale_one=twin == "scale1"), gmm
     from . import digits
     return digits.build_model(family), digits
 
@@ -36,7 +43,7 @@ class TinyModelLoader:
 
     def load(self, model_name, label, batch_size):
         model, module = load(model_name)
-        latent = torch.zeros(batch_size, 4, 8, 8)
+        latent = torch.zeros(batch_size, model.model.latent_format.latent_channels, 8, 8)
         return (model, module.conditioning([label]), module.null_conditioning(1), {"samples": latent})
 
 

@@ -1,7 +1,8 @@
 """Closed-form test models: a class-conditional Gaussian mixture whose exact denoiser is known.
 
-The data are 4x8x8 latents drawn from a mixture of isotropic Gaussians N(mu_k, v_k I),
-COMPONENTS_PER_CLASS per class. For a state x = a x0 + b n (ComfyUI's EPS and V models: a = 1,
+The data are C x 8 x 8 latents drawn from a mixture of isotropic Gaussians N(mu_k, v_k I),
+COMPONENTS_PER_CLASS per class: "smooth" (standard deviations 0.15-0.5, the original test mixture) or
+"sharp" (0.04-0.06 against unit-scale means, like a real latent's fine detail). For a state x = a x0 + b n (ComfyUI's EPS and V models: a = 1,
 b = sigma; flow models: a = 1 - sigma, b = sigma) the posterior mean is exact:
 
     E[x0 | x] = sum_k r_k(x) * (mu_k + a v_k / (a^2 v_k + b^2) * (x - a mu_k)),
@@ -18,6 +19,12 @@ sigma whose timestep it is (discrete EPS/V: `model_sampling.sigma(t)`; discrete 
 `t / multiplier`), for the input un-scaling, the posterior and the output alike (so a tuned time
 input acts as it would on a trained net). The context selects the class: a one-hot
 row (first NUM_CLASSES entries) conditions on that class, an all-zero row is unconditional.
+
+`build_model(family)` is the original test model: ComfyUI's SD1.5 discrete schedule (flow: discrete flow,
+shift 3), latent format of scale 1. `build_like(checkpoint)` is built like a real checkpoint: the model
+config of SD1.5, SD2 (V-prediction), SDXL, SD3 (flow, shift 3) or Flux as ComfyUI defines them (their
+model_sampling, latent format and channel count), sharp data; `scale_one=True` gives its twin whose
+latent format is the identity, so that LATENT space and the model's own space coincide.
 """
 import math
 
@@ -29,14 +36,21 @@ LATENT_SHAPE = (4, 8, 8)
 CONTEXT_DIM = 16
 
 
-def _mixture(seed=1234):
+# A real checkpoint's config: (comfy.supported_models class, ComfyUI ModelType)
+CHECKPOINTS = {"sd15": ("SD15", "EPS"), "sd2": ("SD20", "V_PREDICTION"), "sdxl": ("SDXL", "EPS"),
+               "sd3": ("SD3", "FLOW"), "flux": ("Flux", "FLUX")}
+DATA = ("smooth", "sharp")
+
+
+def _mixture(shape=LATENT_SHAPE, data="smooth", seed=1234):
     g = torch.Generator().manual_seed(seed)
-    dim = math.prod(LATENT_SHAPE)
+    dim = math.prod(shape)
     k = NUM_CLASSES * COMPONENTS_PER_CLASS
     class_means = torch.randn(NUM_CLASSES, 1, dim, generator=g, dtype=torch.float64)
     offsets = 0.6 * torch.randn(NUM_CLASSES, COMPONENTS_PER_CLASS, dim, generator=g, dtype=torch.float64)
     means = (class_means + offsets).reshape(k, dim)
-    variances = (0.15 + 0.35 * torch.rand(k, generator=g, dtype=torch.float64)) ** 2
+    low, span = {"smooth": (0.15, 0.35), "sharp": (0.04, 0.02)}[data]          # standard deviations
+    variances = (low + span * torch.rand(k, generator=g, dtype=torch.float64)) ** 2
     log_weights = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
     classes = torch.arange(NUM_CLASSES).repeat_interleave(COMPONENTS_PER_CLASS)
     return means, variances, log_weights, classes
@@ -45,8 +59,9 @@ def _mixture(seed=1234):
 class GaussianMixture:
     """The data distribution, with its exact posterior mean in variance-exploding coordinates."""
 
-    def __init__(self, seed=1234):
-        self.means, self.variances, self.log_weights, self.classes = _mixture(seed)
+    def __init__(self, shape=LATENT_SHAPE, data="smooth", seed=1234):
+        self.shape = tuple(shape)
+        self.means, self.variances, self.log_weights, self.classes = _mixture(self.shape, data, seed)
         self.mean_sq = (self.means * self.means).sum(1)
 
     def posterior_mean(self, x, a, b, labels=None):
@@ -75,7 +90,7 @@ class GaussianMixture:
             self.classes[None, :] != labels[labels >= 0, None], -math.inf)
         k = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator)[:, 0]
         noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.variances[k, None].sqrt() * noise).reshape(n, *LATENT_SHAPE)
+        return (self.means[k] + self.variances[k, None].sqrt() * noise).reshape(n, *self.shape)
 
 
 def labels_from_context(context):
@@ -87,9 +102,10 @@ def labels_from_context(context):
 class GaussianMixtureNet(torch.nn.Module):
     """A diffusion_model for ComfyUI's BaseModel whose prediction is the mixture's exact one."""
 
-    def __init__(self, family="flow", device=None, operations=None, dtype=torch.float32, **unused):
+    def __init__(self, family="flow", in_channels=LATENT_SHAPE[0], data="smooth", device=None, operations=None,
+                 dtype=torch.float32, **unused):
         super().__init__()
-        self.mixture = GaussianMixture()
+        self.mixture = GaussianMixture((in_channels, *LATENT_SHAPE[1:]), data)
         self.family = family
         self.dtype = dtype
         self.model_sampling = None      # bound by build_model: the BaseModel's own model_sampling
@@ -108,8 +124,8 @@ class GaussianMixtureNet(torch.nn.Module):
         ms = self.model_sampling
         if torch.equal(timesteps, ms.timestep(sigmas).float().to(timesteps.dtype)):
             return sigmas.to(torch.float64)
-        if self.family == "flow":                     # discrete flow: timestep(sigma) = sigma * multiplier
-            return (timesteps.to(torch.float64) / ms.multiplier).clamp(0, 1)
+        if self.family == "flow":       # discrete flow: timestep(sigma) = sigma * multiplier; Flux: sigma itself
+            return (timesteps.to(torch.float64) / getattr(ms, "multiplier", 1.0)).clamp(0, 1)
         return ms.sigma(timesteps.float()).to(torch.float64)
 
     def _forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
@@ -131,22 +147,43 @@ def build_model(family):
     """A ModelPatcher around a real ComfyUI BaseModel with the exact mixture denoiser.
 
     family: "eps" or "v_prediction" (ComfyUI's discrete SD1.5 schedule) or "flow" (discrete
-    flow, shift 3, as SD3).
+    flow, shift 3, as SD3); latent format of scale 1, the smooth mixture.
     """
     import comfy.latent_formats
-    import comfy.model_base
-    import comfy.model_patcher
     import comfy.supported_models
 
-    model_type = {"eps": comfy.model_base.ModelType.EPS,
-                  "v_prediction": comfy.model_base.ModelType.V_PREDICTION,
-                  "flow": comfy.model_base.ModelType.FLOW}[family]
-    config = comfy.supported_models.SD15({"family": family, "in_channels": LATENT_SHAPE[0]})
-    config.unet_extra_config = {}
-    config.unet_config = {"family": family}
+    config = comfy.supported_models.SD15({})
     if family == "flow":
         config.sampling_settings = {"shift": 3.0, "multiplier": 1000}
     config.latent_format = comfy.latent_formats.LatentFormat()     # scale 1: LATENT is the model's x
+    model_type = {"eps": "EPS", "v_prediction": "V_PREDICTION", "flow": "FLOW"}[family]
+    return _patcher(config, model_type, "smooth")
+
+
+def build_like(checkpoint, data="sharp", scale_one=False):
+    """The mixture model built like a real checkpoint (CHECKPOINTS): its model config's model_sampling,
+    latent format and channel count; `scale_one`: the same model with the identity latent format."""
+    import comfy.latent_formats
+    import comfy.supported_models
+
+    config_name, model_type = CHECKPOINTS[checkpoint]
+    config = getattr(comfy.supported_models, config_name)({})
+    if scale_one:
+        identity = comfy.latent_formats.LatentFormat()
+        identity.latent_channels = config.latent_format.latent_channels
+        config.latent_format = identity
+    return _patcher(config, model_type, data)
+
+
+def _patcher(config, model_type, data):
+    import comfy.model_base
+    import comfy.model_patcher
+
+    model_type = getattr(comfy.model_base.ModelType, model_type)
+    family = "flow" if model_type in (comfy.model_base.ModelType.FLOW, comfy.model_base.ModelType.FLUX) else \
+        model_type.name.lower()
+    config.unet_extra_config = {}
+    config.unet_config = {"family": family, "in_channels": config.latent_format.latent_channels, "data": data}
     config.set_inference_dtype(torch.float32, None)
     base = comfy.model_base.BaseModel(config, model_type=model_type, unet_model=GaussianMixtureNet)
     base.diffusion_model.model_sampling = base.model_sampling
