@@ -46,7 +46,7 @@ def rows_for(name, teacher_steps, batch):
     calibration_labels = torch.arange(batch) % 10
     positive = case.module.conditioning(calibration_labels)
     negative = case.module.null_conditioning(batch)
-    empty = {"samples": torch.zeros(1, 4, 8, 8)}
+    empty = {"samples": torch.zeros(1, *case.noise.shape[1:])}
     start = time.perf_counter()
     # every method at NFE steps; the Heun forms take two evaluations per step, so (NFE + 1) // 2 steps
     with torch.inference_mode():                     # as ComfyUI runs its nodes

@@ -21,7 +21,7 @@ from calibrated_samplers.nodes.samplers import IIASampler, OLSSSampler, TimeTune
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from tinymodels import gmm
 
-CFG = 5.0
+CFG = 7.0            # high guidance, as users run SD1.5
 STEPS = 4
 TIMING = ("fit_seconds", "teacher_seconds")
 
