@@ -5,7 +5,7 @@
 TimeTuner: one time-input ratio per step, all of them tuned together by Powell's method (bounded, a
 full sampling run per trial) for the final x on the calibration batch, against the node's step-by-step
 fit and the plain sampler. OLSS: the node's fit, then every coefficient and interior sigma tuned together
-for the final x (`olss.JointRefit`). Both are sampled on held-out noise. These searches cost hundreds of
+for the final x (`joint_refit.JointRefit`). Both are sampled on held-out noise. These searches cost hundreds of
 sampling runs: they bound what the per-step fits can reach, they are not what the node does.
 """
 import argparse
@@ -19,8 +19,8 @@ import quality
 import torch
 from scipy.optimize import minimize
 
+import joint_refit
 from calibrated_samplers.nodes.methods import METHODS
-from calibrated_samplers.optimizers import olss
 
 CFG = 3.0
 
@@ -33,8 +33,8 @@ def _sample(case, method, tensors, settings):
 def timetuner_ceiling(cal, held, teacher, nfe, scheduler, base, maxfev):
     run = quality._calibration_run(cal, quality.CALIBRATION_BATCHES[0], nfe, scheduler, base)
     with torch.inference_mode():
-        tensors, _ = METHODS["timetuner"].fit(run, "timetuner")
-    settings = {"sampler_name": base}
+        tensors, _ = METHODS["timetuner"].fit(run)
+    settings = run.plan.settings
     final = run.trajectory.final
 
     def with_ratios(r):
@@ -63,12 +63,12 @@ def timetuner_ceiling(cal, held, teacher, nfe, scheduler, base, maxfev):
 def olss_ceiling(cal, held, teacher, nfe, iterations):
     run = quality._calibration_run(cal, quality.CALIBRATION_BATCHES[0], nfe)
     with torch.inference_mode():
-        tensors, diagnostics = METHODS["olss"].fit(run, "olss")
+        tensors, diagnostics = METHODS["olss"].fit(run)
     coefficients = METHODS["olss"].sampler(tensors, {}, cal.schedule)[1]["coefficients"].copy()
-    joint = olss.JointRefit(run.trajectory.final, iterations=iterations)
+    joint = joint_refit.JointRefit(run.trajectory.final, iterations=iterations)
     start = time.perf_counter()
     with torch.inference_mode():
-        run.sample(olss.refine_olss, coefficients.sigmas.float(), coefficients=coefficients, joint=joint)
+        run.sample(joint_refit.refine_olss, coefficients.sigmas.float(), coefficients=coefficients, joint=joint)
     tuned = {**tensors, "sigmas": coefficients.sigmas, "weights_x": coefficients.weights_x,
              "weights_d": coefficients.weights_d}
     return {"method": "olss", "nfe": nfe, "scheduler": diagnostics["schedule"],

@@ -18,16 +18,17 @@ import torch  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import tinymodels  # noqa: E402
-from calibrated_samplers.nodes.methods import ksampler_sigmas  # noqa: E402
+from calibrated_samplers.nodes.builtins import DETERMINISTIC_SAMPLERS, ksampler_sigmas  # noqa: E402
+from calibrated_samplers.nodes.request import Request, plan  # noqa: E402
+from calibrated_samplers.nodes.run import CalibrationRun  # noqa: E402
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule  # noqa: E402
-from calibrated_samplers.optimizers.teacher import sample_teacher, teacher_sigmas  # noqa: E402
+from calibrated_samplers.optimizers.teacher import rmse, sample_teacher, teacher_sigmas  # noqa: E402, F401
 
 HELD_OUT_SEED = 10_000
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Deterministic ComfyUI samplers (ancestral and SDE samplers are stochastic: no single teacher answer).
-SAMPLERS = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
-            "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2", "ddim"]
+SAMPLERS = DETERMINISTIC_SAMPLERS
 SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
 
 
@@ -89,14 +90,18 @@ class Case:
         return self.sample(sampler, teacher_sigmas(self.schedule, steps))
 
 
-def rmse(x, reference):
-    return float((x.double() - reference.double()).pow(2).mean().sqrt())
-
-
 def builtin_sigmas(case, scheduler, steps, sampler_name):
     """Sigmas as ComfyUI's KSampler makes them (the nodes' own rule: `ksampler_sigmas`)."""
     return ksampler_sigmas(case.model_sampling, scheduler, steps, sampler_name)
 
 
-def drop_penultimate(sigmas, drop=True):
-    return torch.cat([sigmas[:-2], sigmas[-1:]]) if drop else sigmas
+def calibration_run(case, batch, steps, teacher_steps=500, labels=None, method="all", **inputs):
+    """The nodes' own CalibrationRun for this case: calibration seed 0 (never the held-out seeds), labels 0..9
+    repeated unless given; `inputs`: Calibrate Sampler's other inputs (scheduler, sampler_name, iia_target, ...)."""
+    labels = torch.arange(batch) % 10 if labels is None else torch.as_tensor(labels)
+    request = Request.from_inputs(method, seed=0, cfg=case.cfg, steps=steps, teacher_steps=teacher_steps,
+                                  calibration_batch=batch, **inputs)
+    latent = torch.zeros(1, *case.noise.shape[1:])
+    return CalibrationRun(model=case.model, plan=plan(case.model, tuple(latent.shape[1:]), request),
+                          positive=case.module.conditioning(labels), negative=case.module.null_conditioning(batch),
+                          latent=latent)

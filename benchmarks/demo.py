@@ -18,7 +18,8 @@ import comfy.samplers
 import folder_paths
 import torch
 from PIL import Image, ImageDraw
-from calibrated_samplers.nodes.calibration import CalibrateSampler, checked_sampler, method_sigmas
+from calibrated_samplers.nodes.calibrate import checked_sampler, method_sigmas
+from calibrated_samplers.nodes.calibration import CalibrateSampler
 from calibrated_samplers.nodes.report import draw_report
 from calibrated_samplers.nodes.trust_region import trust_region_sigmas
 OUT = Path(__file__).resolve().parents[1] / "out" / "demo"

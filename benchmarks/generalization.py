@@ -11,27 +11,24 @@ import argparse
 import common
 import comfy.samplers
 import torch
-from calibrated_samplers.nodes.calibration import request
 from calibrated_samplers.nodes.methods import METHODS
 
 
 def fitted(case, labels, nfe, teacher_steps):
-    """{NFE: (sampler function, options, sigmas)} of OLSS as the Calibrate node fits it (refit and candidate
+    """{NFE: (sampler function, options, sigmas)} of OLSS as the Calibrate node fits it (re-solve and candidate
     choice included), on one teacher run with these calibration labels."""
     runs = {}
     for n in nfe:
-        _, _, _, run = request(case.model, torch.zeros(1, *case.noise.shape[1:]), case.cfg, n, teacher_steps,
-                               len(labels), "olss", 0)
-        run.positive, run.negative = case.module.conditioning(labels), case.module.null_conditioning(len(labels))
+        run = common.calibration_run(case, len(labels), n, teacher_steps, labels, "olss")
         if runs:                                     # one teacher for every NFE
             first = next(iter(runs.values()))
-            run._trajectory, run._gram = first._trajectory, first._gram
+            run._trajectory, run.memo = first._trajectory, first.memo
         runs[n] = run
     out = {}
     for n, run in runs.items():
         with torch.inference_mode():                 # as ComfyUI runs its nodes
-            tensors, _ = METHODS["olss"].fit(run, "olss")
-        function, options = METHODS["olss"].sampler(tensors, {}, case.schedule)
+            tensors, _ = METHODS["olss"].fit(run)
+        function, options = METHODS["olss"].sampler(tensors, run.plan.settings, case.schedule)
         out[n] = function, options, tensors["sigmas"]
     return out
 

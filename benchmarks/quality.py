@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import common
 import comfy.samplers
+from calibrated_samplers.nodes.builtins import drop_penultimate
 import torch
 from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
 from comfy_extras.nodes_gits import GITSScheduler
@@ -62,7 +63,7 @@ def builtin_runs(case, evaluations, nfe):
         makers = {name: (lambda steps, name=name: common.builtin_sigmas(case, name, steps, sampler_name))
                   for name in names}
         for name, make in extra.items():
-            makers[name] = lambda steps, make=make: common.drop_penultimate(make(steps + discard), discard)
+            makers[name] = lambda steps, make=make: drop_penultimate(make(steps + 1)) if discard else make(steps)
         for scheduler, make in makers.items():
             found = within_budget(evaluations[sampler_name], nfe, make)
             if found is not None:
@@ -93,36 +94,25 @@ def _teacher(case):
     """One teacher run per case on calibration seeds (0, ...; never the held-out ones), for the largest
     calibration batch; smaller batches are its first samples (ComfyUI draws the noise sequentially)."""
     if getattr(case, "calibration", None) is None:
-        run = _request(case, max(CALIBRATION_BATCHES), 1)
+        run = common.calibration_run(case, max(CALIBRATION_BATCHES), 1, CALIBRATION_TEACHER_STEPS[0])
         start = time.perf_counter()
         with torch.inference_mode():
             trajectory = run.trajectory
-        case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "grams": {}}
+        case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "memos": {}}
     return case.calibration
 
 
-def _request(case, batch, steps, scheduler="karras", sampler_name="euler"):
-    """The node's own CalibrationRun for this case (calibration labels 0..9 repeated)."""
-    from calibrated_samplers.nodes.calibration import request
-    labels = torch.arange(batch) % 10
-    _, _, _, run = request(case.model, torch.zeros(1, *case.noise.shape[1:]), case.cfg, steps,
-                           CALIBRATION_TEACHER_STEPS[0], batch, "all", 0, scheduler=scheduler,
-                           sampler_name=sampler_name)
-    run.positive, run.negative = case.module.conditioning(labels), case.module.null_conditioning(batch)
-    return run
-
-
-def _calibration_run(case, batch, steps, scheduler="karras", sampler_name="euler"):
+def _calibration_run(case, batch, steps, scheduler="karras", sampler_name="euler", **inputs):
     """A CalibrationRun sharing the case's teacher (its first `batch` samples) and Gram matrices."""
     from calibrated_samplers.optimizers.teacher import Trajectory
     calibration = _teacher(case)
     full = calibration["trajectory"]
-    run = _request(case, batch, steps, scheduler, sampler_name)
+    run = common.calibration_run(case, batch, steps, CALIBRATION_TEACHER_STEPS[0], scheduler=scheduler,
+                                 sampler_name=sampler_name, **inputs)
     run._trajectory = Trajectory(full.sigmas, full.store_dtype, [x[:batch] for x in full.states],
                                  [d[:batch] for d in full.denoised], full.final[:batch])
     run.teacher_seconds = calibration["teacher_seconds"]
-    if batch in calibration["grams"]:
-        run._gram = calibration["grams"][batch]
+    run.memo = calibration["memos"].setdefault(batch, {})       # e.g. OLSS's Gram matrices, shared by its fits
     return run
 
 
@@ -140,20 +130,17 @@ def calibrated_runs(case, nfe):
                          ("iia_heun", (nfe + 1) // 2, scheduler, "euler", m)]
             jobs += [("timetuner", nfe, scheduler, base, None) for base in TIMETUNER_BASES]
         for method, steps, scheduler, base, substeps in [job for job in jobs if job[0] in CALIBRATED]:
-            run = _calibration_run(case, batch, steps, scheduler, base)
-            run.iia_substeps = substeps or run.iia_substeps
-            run.iia_target = "substeps" if substeps else "teacher"
+            iia = {"iia_target": "substeps", "iia_substeps": substeps} if substeps else {}
+            run = _calibration_run(case, batch, steps, scheduler, base, **iia)
             start = time.perf_counter()
             with torch.inference_mode():                 # as ComfyUI runs its nodes
-                tensors, diagnostics = METHODS[method].fit(run, method)
-            if method.startswith("olss"):
-                _teacher(case)["grams"][batch] = run.gram
+                tensors, diagnostics = METHODS[method].fit(run)
             CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": method,
                                       "scheduler": scheduler, "sampler": base, "batch": batch, "steps": steps,
                                       "teacher_seconds": run.teacher_seconds,
                                       "fit_seconds": time.perf_counter() - start,
                                       "evaluations": diagnostics.get("evaluations", 0), "iia_substeps": substeps})
-            function, options = METHODS[method].sampler(tensors, {"sampler_name": base}, case.schedule)
+            function, options = METHODS[method].sampler(tensors, run.plan.settings, case.schedule)
             sampler = comfy.samplers.KSAMPLER(function, extra_options=options)
             name = f"timetuner({base})" if method == "timetuner" else method
             label = "calibrated" if method.startswith("olss") else scheduler

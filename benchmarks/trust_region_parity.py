@@ -28,7 +28,7 @@ host.setup(comfy=False)
 tr = importlib.import_module("calibrated_samplers.optimizers.trust_region")
 NoiseSchedule = importlib.import_module("calibrated_samplers.optimizers.coordinates").NoiseSchedule
 
-BETAS = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+BETAS = host.SD15_BETAS
 _CUMPROD = np.cumprod(1 - BETAS)
 _SIGMAS = np.sqrt((1 - _CUMPROD) / _CUMPROD)
 SD = NoiseSchedule("eps", float(_SIGMAS[0]), float(_SIGMAS[-1]))

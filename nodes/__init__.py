@@ -2,15 +2,20 @@
 from comfy_api.latest import ComfyExtension, io
 
 CATEGORY = "sampling/calibrated_samplers"
+CalibrationType = io.Custom("CALIBRATION")
+
+from . import store  # noqa: E402
+
+store.register_folder()
 
 from .calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration  # noqa: E402
 from .ksampler import CalibratedKSampler  # noqa: E402
 from .report import CalibrationReport  # noqa: E402
-from .samplers import IIASampler, OLSSSampler, TimeTunerSampler  # noqa: E402
+from .samplers import CalibratedSampler  # noqa: E402
 from .trust_region import TrustRegionStepsScheduler  # noqa: E402
 
-NODES: list[type[io.ComfyNode]] = [CalibrateSampler, CalibratedKSampler, LoadCalibration, OLSSSampler, IIASampler,
-                                   TimeTunerSampler, CalibrationSigmas, CalibrationReport, TrustRegionStepsScheduler]
+NODES: list[type[io.ComfyNode]] = [CalibrateSampler, CalibratedKSampler, LoadCalibration, *CalibratedSampler.NODES,
+                                   CalibrationSigmas, CalibrationReport, TrustRegionStepsScheduler]
 
 
 class CalibratedSamplersExtension(ComfyExtension):

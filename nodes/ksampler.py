@@ -7,10 +7,12 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from . import CATEGORY
-from ..optimizers.calibration import CalibrationMismatch
-from .calibration import FIXED_SCHEDULE, CalibrationType, calibrate, checked_sampler, method_sigmas, method_tooltip
-from .methods import METHODS, TIMETUNER_BASES
+from . import CATEGORY, CalibrationType
+from .builtins import DETERMINISTIC_SAMPLERS
+from .calibrate import calibrate, checked_sampler, method_sigmas
+from .calibration import follows_tooltip, latent_samples, method_tooltip
+from .methods import METHODS
+from .request import Request
 
 
 class CalibratedKSampler(io.ComfyNode):
@@ -32,16 +34,16 @@ class CalibratedKSampler(io.ComfyNode):
                                      "the last)."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale; a calibration is valid for the cfg it was fitted at."),
-                io.Combo.Input("sampler_name", options=TIMETUNER_BASES, default="euler",
-                               tooltip="The sampler TimeTuner tunes (other methods bring their own solver)."),
+                io.Combo.Input("sampler_name", options=DETERMINISTIC_SAMPLERS, default="euler",
+                               tooltip=follows_tooltip("sampler_name", "The built-in sampler")),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
-                               tooltip="Sigmas for IIA and TimeTuner (OLSS searches its own)."),
+                               tooltip=follows_tooltip("scheduler", "Student sigmas")),
                 io.Conditioning.Input("positive", tooltip="What to include in the image."),
                 io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
                 io.Latent.Input("latent_image", tooltip="The empty latent to denoise (sets size and batch)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Calibrated methods sample from pure noise: only 1.0 is supported."),
-                io.Combo.Input("method", options=list(METHODS), default="olss", tooltip=method_tooltip()),
+                io.Combo.Input("method", options=list(METHODS), default=next(iter(METHODS)), tooltip=method_tooltip()),
                 io.Int.Input("teacher_steps", default=500, min=20, max=4000,
                              tooltip="Teacher run length when calibrating (ignored when reusing)."),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
@@ -59,19 +61,16 @@ class CalibratedKSampler(io.ComfyNode):
             raise ValueError(f"denoise {denoise}: calibrated samplers are fitted for sampling from pure noise "
                              "(denoise 1.0); use KSampler for img2img")
         latent = latent_image.copy()
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        samples = latent_samples(model, latent)
         if calibration is None:
-            calibration, _ = calibrate(model, positive, negative, {"samples": samples}, 0, cfg, steps,
-                                       teacher_steps, calibration_batch, method, scheduler=scheduler,
-                                       sampler_name=sampler_name)
+            request = Request.from_inputs(method, seed=0, cfg=cfg, steps=steps, teacher_steps=teacher_steps,
+                                          calibration_batch=calibration_batch, scheduler=scheduler,
+                                          sampler_name=sampler_name)
+            calibration, _ = calibrate(model, positive, negative, samples, request)
         else:
-            calibration.check_compatible(nfe=steps, cfg=cfg, latent_shape=tuple(samples.shape[1:]))
-            for name, given in (("sampler_name", sampler_name if method == "timetuner" else None),
-                                ("scheduler", scheduler if method in FIXED_SCHEDULE else None)):
-                fitted = calibration.teacher.get(name)
-                if given is not None and fitted is not None and given != fitted:
-                    raise CalibrationMismatch(f"this calibration was fitted with {name} {fitted}, not {given}: "
-                                              f"set {name} to {fitted} or calibrate again")
+            calibration.check_compatible(steps=steps, cfg=cfg, latent_shape=tuple(samples.shape[1:]))
+            if method in METHODS:
+                METHODS[method].check_use(calibration.settings, sampler_name=sampler_name, scheduler=scheduler)
         sigmas = method_sigmas(calibration, method)
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)

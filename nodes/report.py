@@ -4,10 +4,10 @@ import math
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from comfy.k_diffusion.sampling import get_sigmas_karras
 from comfy_api.latest import io
 
-from . import CATEGORY
-from .calibration import CalibrationType
+from . import CATEGORY, CalibrationType
 
 WIDTH, PANEL, MARGIN = 960, 330, 70
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
@@ -19,11 +19,6 @@ def _font(size):
         return ImageFont.load_default(size=size)
     except TypeError:                     # Pillow without FreeType sizes
         return ImageFont.load_default()
-
-
-def karras(sigma_max, sigma_min, steps, rho=7.0):
-    ramp = np.linspace(0, 1, steps)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 class _Panel:
@@ -80,18 +75,10 @@ class _Panel:
         self.draw.text((WIDTH - 175, legend_y), label, fill="black", font=_font(12))
 
 
-def evaluations(calibration, label) -> int:
-    """Model evaluations of a method (or "sampler / scheduler" built-in) at the calibration's steps."""
-    n = calibration.nfe
-    name = calibration.teacher.get("sampler_name") if label == "timetuner" else label.split(" / ")[0]
-    if name == "heunpp2":                     # three per step, two at the penultimate, one at the last
-        return max(1, 3 * n - 3)
-    return 2 * n - 1 if name in {"biia_heun", "iia_heun", "heun", "dpm_2"} else n
-
-
 def draw_report(calibration) -> Image.Image:
     diagnostics = calibration.diagnostics
-    errors = diagnostics.get("calibration_batch_rmse", {})
+    errors = diagnostics.get("calibration_batch", {})
+    steps = calibration.steps
     height = 2 * PANEL + (PANEL if errors else 60) + 40
     image = Image.new("RGB", (WIDTH, height), "white")
     draw = ImageDraw.Draw(image)
@@ -101,9 +88,9 @@ def draw_report(calibration) -> Image.Image:
     sigmas = {m: [float(s) for s in calibration.fits[m]["sigmas"] if s > 0] for m in calibration.methods}
     top = max(max(s) for s in sigmas.values())
     bottom = min(min(s) for s in sigmas.values())
-    reference = karras(top, bottom, calibration.nfe)
+    reference = get_sigmas_karras(steps, bottom, top)[:-1].tolist()
     panel = _Panel(draw, 0, f"Student sigmas ({calibration.family}, cfg {calibration.cfg:g})",
-                   list(range(calibration.nfe + 1)), [v for s in sigmas.values() for v in s] + list(reference),
+                   list(range(steps + 1)), [v for s in sigmas.values() for v in s] + reference,
                    xlabel="step")
     panel.line(range(len(reference)), reference, GREY, "karras", 0, dashed=True)
     for slot, (m, values) in enumerate(sigmas.items(), start=1):
@@ -113,7 +100,7 @@ def draw_report(calibration) -> Image.Image:
     curves = {m: diagnostics.get(m, {}) for m in calibration.methods}
     ys = [v for c in curves.values() for key in ("step_error", "plain_step_error") for v in c.get(key, [])]
     panel = _Panel(draw, PANEL, "Per-step fit error on the calibration batch (dashed: plain solver)",
-                   list(range(1, calibration.nfe + 1)), ys or [1.0], xlabel="step")
+                   list(range(1, steps + 1)), ys or [1.0], xlabel="step")
     for slot, (m, c) in enumerate(curves.items()):
         steps = range(1, len(c.get("step_error", [])) + 1)
         panel.line(steps, c.get("step_error", []), colors[m], m, slot)
@@ -124,19 +111,20 @@ def draw_report(calibration) -> Image.Image:
     # 3. what calibration bought: RMSE against the teacher's final latent, on the calibration batch
     y = 2 * PANEL
     if not errors:
-        draw.text((MARGIN, y + 10), "No teacher run in this calibration (IIA only): no comparison with built-ins.",
+        draw.text((MARGIN, y + 10), "No teacher run in this calibration: no comparison with built-ins.",
                   fill="black", font=_font(14))
         return image
-    draw.text((MARGIN, y + 8), f"Final RMSE against the teacher on the calibration batch, {calibration.nfe} steps "
+    draw.text((MARGIN, y + 8), f"Final RMSE against the teacher on the calibration batch, {steps} steps "
               "(lower is better)", fill="black", font=_font(18))
-    ranked = sorted(errors.items(), key=lambda kv: kv[1])
-    best = max(v for _, v in ranked) or 1.0
+    ranked = sorted(errors.items(), key=lambda kv: kv[1]["rmse"])
+    best = max(v["rmse"] for _, v in ranked) or 1.0
     row = (PANEL - 60) / max(len(ranked), 1)
-    for i, (label, value) in enumerate(ranked):
+    for i, (label, entry) in enumerate(ranked):
+        value = entry["rmse"]
         y0 = y + 40 + i * row
         length = (WIDTH - 2 * MARGIN - 310) * value / best
         draw.rectangle([MARGIN + 230, y0, MARGIN + 230 + length, y0 + row * 0.7], fill=colors.get(label, GREY))
-        draw.text((MARGIN, y0), f"{label} ({evaluations(calibration, label)} evaluations)", fill="black",
+        draw.text((MARGIN, y0), f"{label} ({entry['evaluations']} evaluations)", fill="black",
                   font=_font(12))
         draw.text((MARGIN + 236 + length, y0), f"{value:.4f}", fill="black", font=_font(12))
     return image

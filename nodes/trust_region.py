@@ -7,10 +7,11 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..optimizers.coordinates import NoiseSchedule
+from ..optimizers import trust_region
 from ..optimizers.trust_region import time_step_sigmas
 from . import CATEGORY
 
-SOLVERS = ["uni_pc", "uni_pc_bh2", "dpmpp_2m", "ddim", "euler"]
+SOLVERS = [s for s in trust_region.SOLVERS if s != "original"]     # the ComfyUI samplers it models
 INITS = ["uniform_t", "uniform_lambda", "karras"]
 
 

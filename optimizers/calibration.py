@@ -3,6 +3,8 @@
 One record holds the fits of one or more methods made from the same teacher run. It is plain data:
 tensors (safetensors) plus JSON metadata, with a schema version; `from_tensors` validates
 everything it reads, so a damaged or foreign file is refused with a message, never half-used.
+Schema 2 (this one) names what it holds plainly: `steps`, `settings` (the teacher's inside), each
+method's sigmas and model evaluations; a schema-1 record is refused by its version, to be calibrated again.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 METADATA_KEY = "calibrated_samplers"
 
 
@@ -25,17 +27,15 @@ class CalibrationMismatch(ValueError):
 class Calibration:
     family: str                                  # coordinates.FAMILIES
     fingerprint: str                             # of the model: weights, patches, model_sampling
-    sigmas: torch.Tensor                         # the student schedule, descending, ending in 0
     cfg: float                                   # guidance scale the fits are valid for
     latent_shape: tuple                          # one sample's latent shape, e.g. (4, 64, 64)
-    teacher: dict                                # steps, solver, seed, batch, methods, fixed sigmas
-    fits: dict = field(default_factory=dict)     # method -> {name: tensor}
-    diagnostics: dict = field(default_factory=dict)  # method -> JSON-able facts (per-step errors, cost)
+    steps: int                                   # sampling steps, as KSampler's steps
+    settings: dict                               # what the fits depend on besides the model: the teacher's
+                                                 # settings, the methods asked for, scheduler, sampler, ...
+    fits: dict = field(default_factory=dict)     # method -> {name: tensor}, always with the "sigmas" it samples on
+    evaluations: dict = field(default_factory=dict)   # method -> model evaluations per sample when sampling
+    diagnostics: dict = field(default_factory=dict)   # method -> JSON-able facts (per-step errors, cost)
     schema_version: int = SCHEMA_VERSION
-
-    @property
-    def nfe(self) -> int:
-        return len(self.sigmas) - 1
 
     @property
     def methods(self) -> list[str]:
@@ -44,20 +44,18 @@ class Calibration:
     def key(self) -> str:
         """What the record was fitted for, hashed: equal keys mean interchangeable calibrations.
         The same key is computed from a request before fitting (see `calibration_key`)."""
-        return calibration_key(self.family, self.fingerprint, self.nfe, self.cfg, self.latent_shape, self.teacher)
+        return calibration_key(self.family, self.fingerprint, self.steps, self.cfg, self.latent_shape, self.settings)
 
     # --- (de)serialisation: tensors + one JSON string of metadata -----------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"sigmas": self.sigmas.detach().to("cpu", torch.float32).clone()}
-        for method, tensors in self.fits.items():
-            for name, t in tensors.items():
-                out[f"{method}.{name}"] = t.detach().to("cpu").clone()
-        return out
+        return {f"{method}.{name}": t.detach().to("cpu").clone()
+                for method, tensors in self.fits.items() for name, t in tensors.items()}
 
     def metadata(self) -> dict[str, str]:
         info = {"schema_version": self.schema_version, "family": self.family, "fingerprint": self.fingerprint,
-                "cfg": self.cfg, "latent_shape": list(self.latent_shape), "teacher": self.teacher,
-                "methods": {m: sorted(t) for m, t in self.fits.items()}, "diagnostics": self.diagnostics}
+                "cfg": self.cfg, "latent_shape": list(self.latent_shape), "steps": self.steps,
+                "settings": self.settings, "methods": {m: sorted(t) for m, t in self.fits.items()},
+                "evaluations": self.evaluations, "diagnostics": self.diagnostics}
         return {METADATA_KEY: json.dumps(info, sort_keys=True)}
 
     @classmethod
@@ -76,12 +74,13 @@ class Calibration:
             raise ValueError(f"schema version {version!r}, this version of the pack reads {SCHEMA_VERSION}: "
                              "calibrate again")
         try:
-            sigmas = tensors["sigmas"]
             methods = info["methods"]
             fits = {m: {n: tensors[f"{m}.{n}"] for n in names} for m, names in methods.items()}
-            record = cls(family=str(info["family"]), fingerprint=str(info["fingerprint"]), sigmas=sigmas,
-                         cfg=float(info["cfg"]), latent_shape=tuple(int(v) for v in info["latent_shape"]),
-                         teacher=dict(info["teacher"]), fits=fits, diagnostics=dict(info.get("diagnostics", {})))
+            record = cls(family=str(info["family"]), fingerprint=str(info["fingerprint"]), cfg=float(info["cfg"]),
+                         latent_shape=tuple(int(v) for v in info["latent_shape"]), steps=int(info["steps"]),
+                         settings=dict(info["settings"]), fits=fits,
+                         evaluations={str(m): int(n) for m, n in info["evaluations"].items()},
+                         diagnostics=dict(info.get("diagnostics", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"damaged or incomplete calibration: {type(e).__name__}: {e}") from None
         extra = set(tensors) - set(record.tensors())
@@ -94,12 +93,18 @@ class Calibration:
         from .coordinates import FAMILIES
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}")
-        _check_schedule("sigmas", self.sigmas)
-        if not math.isfinite(self.cfg) or not self.latent_shape or min(self.latent_shape) < 1:
-            raise ValueError("cfg must be finite and latent_shape positive")
+        if not math.isfinite(self.cfg) or not self.latent_shape or min(self.latent_shape) < 1 or self.steps < 1:
+            raise ValueError("cfg must be finite, latent_shape and steps positive")
+        if not self.fits:
+            raise ValueError("a calibration holds at least one method's fit")
         for method, tensors in self.fits.items():
-            if "sigmas" in tensors:
-                _check_schedule(f"{method}.sigmas", tensors["sigmas"])
+            if "sigmas" not in tensors:
+                raise ValueError(f"{method} has no sigmas")
+            check_schedule(tensors["sigmas"], f"{method}.sigmas")
+            if len(tensors["sigmas"]) != self.steps + 1:
+                raise ValueError(f"{method}.sigmas has {len(tensors['sigmas']) - 1} steps, the calibration {self.steps}")
+            if not isinstance(self.evaluations.get(method), int) or self.evaluations[method] < 1:
+                raise ValueError(f"{method} has no model evaluation count")
             for name, t in tensors.items():
                 if not t.is_floating_point() and t.dtype not in (torch.int64, torch.int32):
                     raise ValueError(f"{method}.{name} has dtype {t.dtype}")
@@ -107,13 +112,13 @@ class Calibration:
                     raise ValueError(f"{method}.{name} holds NaN or inf")
 
     # --- use ------------------------------------------------------------------------------
-    def check_compatible(self, *, family=None, fingerprint=None, latent_shape=None, cfg=None, nfe=None):
+    def check_compatible(self, *, family=None, fingerprint=None, latent_shape=None, cfg=None, steps=None):
         """Raise CalibrationMismatch naming the first setting that differs from the fitted one."""
         checks = [
             ("model family", family, self.family),
             ("model (its weights, LoRAs or sampling settings changed)", fingerprint, self.fingerprint),
             ("latent shape", None if latent_shape is None else tuple(latent_shape), self.latent_shape),
-            ("steps (NFE)", nfe, self.nfe),
+            ("steps", steps, self.steps),
         ]
         for what, given, fitted in checks:
             if given is not None and given != fitted:
@@ -124,14 +129,29 @@ class Calibration:
                                       "use that cfg or calibrate again")
 
 
-def _check_schedule(name, s):
+def check_schedule(sigmas, name="sigmas"):
+    """Raise ValueError naming `name` unless it is a finite, strictly decreasing 1-D schedule ending in 0."""
+    s = torch.as_tensor(sigmas)
     if s.ndim != 1 or len(s) < 2 or not torch.isfinite(s).all() or s[-1] != 0 or not torch.all(s[1:] < s[:-1]):
-        raise ValueError(f"{name} must be a finite, strictly decreasing 1-D schedule ending in 0")
+        raise ValueError(f"{name} must be a 1-D schedule that is finite, decreases strictly and ends in 0 (as a "
+                         "scheduler node gives them)")
 
 
-def calibration_key(family, fingerprint, nfe, cfg, latent_shape, teacher) -> str:
-    """Hash of everything a calibration is fitted for; `teacher` holds the teacher settings, the
-    methods asked for and the fixed student sigmas if any (JSON-able)."""
-    text = json.dumps({"family": family, "fingerprint": fingerprint, "nfe": int(nfe), "cfg": round(float(cfg), 6),
-                       "latent_shape": list(latent_shape), "teacher": teacher}, sort_keys=True)
+def check_same_sigmas(given, fitted, what):
+    """Raise ValueError unless `given` are the sigmas `what` was fitted for (to float32 rounding). The final
+    sigma, 0, is not compared: ComfyUI's uni_pc writes 0.001 over it in place, so a schedule that one such run
+    has used ends in 0.001."""
+    ours = torch.as_tensor(fitted).detach().cpu().double()
+    theirs = torch.as_tensor(given).detach().cpu().double()
+    if theirs.shape != ours.shape or not torch.allclose(theirs[:-1], ours[:-1], rtol=1e-5, atol=1e-6):
+        raise ValueError(f"{what} was fitted for the {len(ours) - 1}-step sigmas {[round(float(v), 4) for v in ours]}, "
+                         f"not {[round(float(v), 4) for v in theirs]}: sample with its own sigmas "
+                         "(Calibration Sigmas)")
+
+
+def calibration_key(family, fingerprint, steps, cfg, latent_shape, settings) -> str:
+    """Hash of everything a calibration is fitted for; `settings` (JSON-able) holds the teacher's settings,
+    the methods asked for, the given student sigmas if any and each method's own settings."""
+    text = json.dumps({"family": family, "fingerprint": fingerprint, "steps": int(steps), "cfg": round(float(cfg), 6),
+                       "latent_shape": list(latent_shape), "settings": settings}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

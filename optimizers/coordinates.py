@@ -112,9 +112,6 @@ class NoiseSchedule:
     def lambda_max(self) -> float:
         return float(self.lambda_(self.sigma_min))
 
-    def key(self) -> dict:
-        return {"family": self.family, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
-
     @classmethod
     def from_model_sampling(cls, model_sampling) -> "NoiseSchedule":
         """Build from a ComfyUI `model_sampling` object (duck-typed: comfy is never imported here).

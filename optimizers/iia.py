@@ -37,17 +37,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .coordinates import NoiseSchedule
+from .teacher import rmse
 
 VARIANTS = ("iia_ddim", "biia_heun", "iia_heun")
 
 
 def coefficient_count(variant: str, r: int = 1) -> int:
     return {"iia_ddim": 2, "biia_heun": 1 + r, "iia_heun": 2 + r}[variant]
-
-
-def evaluations(variant: str, steps: int) -> int:
-    """Model evaluations of `steps` sampling steps (Heun: two per step but the last)."""
-    return steps if variant == "iia_ddim" else 2 * steps - 1
 
 
 def plain_coefficients(variant: str, sigmas, r: int = 1) -> torch.Tensor:
@@ -94,10 +90,6 @@ def least_squares(basis: list, residual: torch.Tensor, ridge: float) -> torch.Te
     rhs = b.T @ residual.reshape(-1).double()
     scale = ridge * max(float(gram.diagonal().sum()), 1e-300)
     return torch.linalg.solve(gram + scale * torch.eye(len(gram), dtype=torch.float64), rhs)
-
-
-def _rmse(a, b):
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
 class _Steps:
@@ -193,14 +185,14 @@ def sample_iia(model, x, sigmas, extra_args=None, callback=None, disable=None, *
             target = (steps.fine(variant, x, sigma, sigma_next, denoised, fit.m) if fit.targets is None
                       else fit.targets[i].to(x))
             row[columns] += least_squares([v for _, v in terms], target - step, fit.ridge)
-            fit.plain_error.append(_rmse(step, target))
+            fit.plain_error.append(rmse(step, target))
         for (column, vector) in terms:
             delta = float(row[column] - plain[i, column])
             if delta != 0:
                 step = step + delta * vector
         if fit is not None:
             fit.coefficients.append(row)
-            fit.fit_error.append(None if target is None else _rmse(step, target))
+            fit.fit_error.append(None if target is None else rmse(step, target))
             if target is None:
                 fit.plain_error.append(None)
         if variant == "biia_heun":

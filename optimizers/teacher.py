@@ -156,3 +156,9 @@ def sample_teacher(model, x, sigmas, extra_args=None, callback=None, disable=Non
     if trajectory is not None:
         trajectory.final = x.detach().to("cpu", torch.float32)
     return x
+
+
+def rmse(x, reference) -> float:
+    """The error every fit and comparison measures: RMSE of x against a reference (the teacher's) state, in
+    float64, on x's device."""
+    return float((x.double() - reference.to(x.device).double()).pow(2).mean().sqrt())

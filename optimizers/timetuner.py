@@ -12,17 +12,16 @@ The original fits each r_i by Adam on a noise-consistency loss with gradients th
 Here the sampling runs inside ComfyUI (under inference mode, any model), so `tune_time_ratios` fits each
 r_i by a derivative-free bounded scalar search (Brent) on the quantity that matters: the RMSE between
 the student's state after step i and a target state (a long accurate teacher run at the same sigma),
-on the calibration batch, step after step (sequential: the student's own tuned states feed the next
-step) or each step from the nominal trajectory (parallel).
+on the calibration batch, step after step (the student's own tuned states feed the next step).
 
 Pure torch, numpy and scipy; never imports comfy.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from scipy.optimize import minimize_scalar
+
+from .teacher import rmse
 
 
 class TimeRatios:
@@ -58,12 +57,6 @@ class TimeRatios:
 
     def __len__(self):
         return len(self.sigmas)
-
-    def copy(self) -> "TimeRatios":
-        return TimeRatios(self.sigmas, self.values)
-
-    def is_identity(self) -> bool:
-        return bool(torch.all(self.values == 1))
 
     def __call__(self, sigma) -> torch.Tensor:
         sigma = torch.as_tensor(sigma)
@@ -182,10 +175,6 @@ class _TrialModel:
             raise _Stop(self.convert(d["x"], i))
 
 
-def _rmse(a, b) -> float:
-    return float((a.double() - b.to(a.device).double()).pow(2).mean().sqrt())
-
-
 def _close(a, b) -> bool:
     scale = float(b.detach().double().abs().max()) if b.numel() else 0.0
     return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6 * max(scale, 1.0)))
@@ -194,8 +183,9 @@ def _close(a, b) -> bool:
 class _Runner:
     """Runs the base sampler through a `_TrialModel` and knows where each student state shows up."""
 
-    def __init__(self, model, x, sigmas, extra_args, base, base_options, ratios, with_time_ratio):
+    def __init__(self, model, x, sigmas, extra_args, base, base_options, ratios, with_time_ratio, callback_scale):
         self.x, self.base, self.base_options = x, base, dict(base_options or {})
+        self.callback_scale = callback_scale
         self.sigmas = sigmas.detach().clone()
         self.nominal = self.sigmas.detach().to("cpu", torch.float64)
         self.ratios = ratios
@@ -225,16 +215,13 @@ class _Runner:
         m, n = self.model, len(self.nominal) - 1
         if 0 not in m.events:
             raise ValueError("this sampler does not report its steps through the callback; TimeTuner cannot tune it")
-        cb0 = m.events[0][0]
-        if _close(cb0, self.x):
+        nominal, scale = self.nominal, self.callback_scale
+        if scale is None:
             m.convert = lambda x, k: x
         else:
-            # UniPC reports its states in variance-preserving scale: x / sqrt(1 + sigma^2)
-            f = 1 / math.sqrt(1 + float(self.nominal[0]) ** 2)
-            if not _close(cb0, self.x * f):
-                raise ValueError("this sampler reports its states in unknown coordinates; TimeTuner cannot tune it")
-            nominal = self.nominal
-            m.convert = lambda x, k: (x.double() * math.sqrt(1 + float(nominal[k]) ** 2)).to(x.dtype)
+            m.convert = lambda x, k: (x.double() * scale(float(nominal[k]))).to(x.dtype)
+        if not _close(m.convert(m.events[0][0], 0), self.x):
+            raise ValueError("this sampler reports its states in unknown coordinates; TimeTuner cannot tune it")
         record = m.record
         for k in range(1, n):
             if k not in m.events:
@@ -244,8 +231,8 @@ class _Runner:
             if calls >= 1 and _close(record[calls - 1].x, state):
                 self.plans[k] = ("before", calls - 1)      # the state is the input of that call: no extra evaluation
             elif k == n - 1 and calls == len(record) and _close(cx, final):
-                # UniPC reports its final state as step n-1 and never its state at sigmas[n-1]: use the input of
-                # its last model call at that sigma (its predictor there) instead
+                # a sampler that reports its final state as step n-1, never its state at sigmas[n-1]: use the
+                # input of its last model call at that sigma (its predictor there) instead
                 at = [c for c, call in enumerate(record) if bool(torch.all(call.sigma == self.sigmas[k]))]
                 self.plans[k] = ("before", at[-1]) if at else ("callback", k)
             else:
@@ -270,32 +257,26 @@ class _Runner:
 
 
 def tune_time_ratios(model, x, sigmas, extra_args=None, callback=None, disable=None, *, base, base_options=None,
-                     targets, with_time_ratio, mode="sequential", bounds=(0.7, 1.3), xatol=2e-3, maxiter=16,
+                     targets, with_time_ratio, callback_scale=None, bounds=(0.7, 1.3), xatol=2e-3, maxiter=16,
                      result=None, verify=None):
     """k-diffusion-style function: fits one time ratio per step of `base` on `sigmas`; returns the tuned final x.
 
     targets[k]: the target state at sigmas[k + 1] (k = 0..N-1, the last the final latent), ComfyUI's
-    k-diffusion coordinates, shape of x. Each r_i minimises the RMSE between the student's state at
-    sigmas[i + 1] and targets[i] by a bounded Brent search in `bounds` (xatol, maxiter); r_i stays 1
-    unless the search beats r = 1, so tuning never raises the error of the step it tunes.
-
-    mode "sequential": steps in order, each from the student's own tuned states; "parallel": each step
-    with all other ratios 1 (from the nominal trajectory), combined at the end.
+    k-diffusion coordinates, shape of x. Step after step, each r_i minimises the RMSE between the student's
+    state at sigmas[i + 1] (from its own tuned states) and targets[i] by a bounded Brent search in `bounds`
+    (xatol, maxiter); r_i stays 1 unless the search beats r = 1. callback_scale(sigma): the factor that turns
+    the x the base sampler reports to its callback at sigma into its state (None: 1).
 
     Cost: a trial runs the base sampler from the start through a memo of model calls (same call
     index, input, sigma and ratio as the reference run: no evaluation) and stops as soon as the
     state at sigmas[i + 1] is known (where that state is the input of the next model call, before
-    that call). `result` (a dict) receives: ratios (float64 [N]), evaluations (per step),
-    probe_evaluations (the first, nominal run), final_evaluations (parallel: the combined run),
-    errors_before (r_i = 1, same state), errors_after (the chosen r_i), errors_final (every state of
-    the final tuned run: differs from errors_after where a ratio also acts on an earlier step, as
-    heun's second evaluation does), trials (per step: list of (r, rmse)).
+    that call). `result` (a dict) receives: ratios (float64 [N]), errors_nominal (every state of the
+    plain run, all ratios 1), errors_final (every state of the tuned run), evaluations (all model
+    evaluations of the fit).
     """
     extra_args = {} if extra_args is None else extra_args
     result = {} if result is None else result
     n = len(sigmas) - 1
-    if mode not in ("sequential", "parallel"):
-        raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
     if len(targets) != n:
         raise ValueError(f"{len(targets)} target states for {n} steps")
     for t in targets:
@@ -304,24 +285,17 @@ def tune_time_ratios(model, x, sigmas, extra_args=None, callback=None, disable=N
     ratios = TimeRatios(sigmas[:-1] if float(sigmas[-1]) == 0 else sigmas)
     if len(ratios) != n:
         raise ValueError("sigmas must be strictly decreasing, positive but for a final 0")
-    runner = _Runner(model, x, sigmas, extra_args, base, base_options, ratios, with_time_ratio)
+    runner = _Runner(model, x, sigmas, extra_args, base, base_options, ratios, with_time_ratio, callback_scale)
     trial_model = runner.model
 
     final = runner.probe()
     if verify is not None:
         verify(runner.extra_args, trial_model.evaluations)
-    probe_record, probe_events = trial_model.record, trial_model.events
-    nominal_states = runner.states(probe_record, probe_events, final)
-    result["probe_evaluations"] = trial_model.evaluations
-    trial_model.reference = probe_record
-
-    chosen = torch.ones(n, dtype=torch.float64)
-    evaluations, before, after, trials_log = [], [], [], []
-    last_record, last_events, last_final = probe_record, probe_events, final
+    nominal_states = runner.states(trial_model.record, trial_model.events, final)
+    trial_model.reference = trial_model.record
+    last_record, last_events, last_final = trial_model.record, trial_model.events, final
     for i in range(n):
-        start = trial_model.evaluations
         plan = runner.plan(i + 1)
-        target = targets[i]
         tried: dict[float, float] = {}
         best = {}
 
@@ -329,50 +303,30 @@ def tune_time_ratios(model, x, sigmas, extra_args=None, callback=None, disable=N
             r = float(r)
             if r in tried:
                 return tried[r]
-            if mode == "parallel":
-                ratios.values.fill_(1.0)
             ratios.values[i] = r
             state, completed = runner.run(plan)
-            e = _rmse(state, target)
+            e = rmse(state, targets[i])
             tried[r] = e
             if not best or e < best["error"]:
                 best.update(error=e, r=r, state=state, record=trial_model.record, events=trial_model.events,
                             completed=completed)
             return e
 
-        e1 = error(1.0)
+        error(1.0)
         minimize_scalar(error, bounds=bounds, method="bounded", options={"xatol": xatol, "maxiter": maxiter})
-        chosen[i] = best["r"]
         ratios.values[i] = best["r"]
-        before.append(e1)
-        after.append(best["error"])
-        evaluations.append(trial_model.evaluations - start)
-        trials_log.append(sorted(tried.items()))
-        if mode == "sequential":
-            trial_model.reference = best["record"]
-            if best["completed"]:
-                last_record, last_events, last_final = best["record"], best["events"], best["state"]
+        trial_model.reference = best["record"]
+        if best["completed"]:
+            last_record, last_events, last_final = best["record"], best["events"], best["state"]
         if callback is not None:
             record = best["record"]
             denoised = record[-1].out if record else best["state"]
             callback({"x": best["state"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
 
-    result["final_evaluations"] = 0
-    if mode == "parallel":
-        ratios.values.copy_(chosen)
-        start = trial_model.evaluations
-        trial_model.reference = probe_record
-        last_final, _ = runner.run(None)
-        last_record, last_events = trial_model.record, trial_model.events
-        result["final_evaluations"] = trial_model.evaluations - start
     final_states = runner.states(last_record, last_events, last_final)
-    result.update(
-        ratios=chosen.clone(), evaluations=evaluations, errors_before=before, errors_after=after,
-        errors_final=[_rmse(s, t) for s, t in zip(final_states, targets)],
-        errors_nominal=[_rmse(s, t) for s, t in zip(nominal_states, targets)],
-        trials=trials_log, mode=mode,
-        total_evaluations=trial_model.evaluations,
-    )
+    result.update(ratios=ratios.values.clone(), evaluations=trial_model.evaluations,
+                  errors_final=[rmse(s, t) for s, t in zip(final_states, targets)],
+                  errors_nominal=[rmse(s, t) for s, t in zip(nominal_states, targets)])
     if not torch.equal(runner.completed_sigmas, sigmas):
         # the base sampler changed its sigmas in place (ComfyUI's uni_pc sets the final 0 to 0.001, and
         # KSAMPLER then un-scales the result at that sigma): do the same, so the result is the base's

@@ -12,9 +12,16 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", Path(sys.prefix) / "comfyui"))
+
+
+# ComfyUI's default discrete schedule (ModelSamplingDiscrete: SD1.x, SD2, SDXL): scaled-linear betas
+# 0.00085..0.012 over 1000 steps, in float64
+SD15_BETAS = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
 
 
 def setup(comfy=True):

@@ -1,4 +1,4 @@
-"""CalibrateSampler, the cache, OLSSSampler, CalibrationSigmas, LoadCalibration and CalibratedKSampler,
+"""CalibrateSampler, the cache, the sampler nodes, CalibrationSigmas, LoadCalibration and CalibratedKSampler,
 executed as ComfyUI executes them, on the closed-form models."""
 import pytest
 import torch
@@ -8,10 +8,11 @@ import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
 from calibrated_samplers.nodes.report import CalibrationReport
-from calibrated_samplers.nodes.samplers import IIASampler, OLSSSampler, TimeTunerSampler
+from calibrated_samplers.nodes.samplers import node_for
 from calibrated_samplers.optimizers.calibration import CalibrationMismatch
 from comfy_extras.nodes_custom_sampler import SamplerCustom
-from calibrated_samplers.nodes.methods import METHODS, SHORTLIST
+from calibrated_samplers.nodes.builtins import SHORTLIST
+from calibrated_samplers.nodes.methods import METHODS
 from tinymodels import gmm
 
 CFG = 2.0
@@ -52,29 +53,29 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     counted = model.clone()
     counted.set_model_sampler_post_cfg_function(_count(calls))
     calibration, teacher_latent, sigmas = _calibrate(counted)
-    assert calibration.methods == sorted(METHODS) and calibration.nfe == 4
+    assert calibration.methods == sorted(METHODS) and calibration.steps == 4
     # every model call is accounted for: the teacher's, each fit's own (OLSS: per candidate schedule, a run with
     # the teacher fit and two cross-validation refits, then the chosen refit; IIA fitted to the teacher: one
     # run), and the report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1) and 5
     # built-ins, 4 steps
     own = sum(calibration.diagnostics[m]["evaluations"] for m in METHODS)
     olss_fit = calibration.diagnostics["olss"]
-    assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["refit"])
+    assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"])
     assert calibration.diagnostics["iia_ddim"]["evaluations"] == 4
     assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
     report = 4 * 4 + 2 * 7 + len(SHORTLIST) * 4
     assert len(calls) == 120 + own + report and teacher_latent["samples"].shape == (6, 4, 8, 8)
-    assert set(calibration.diagnostics["calibration_batch_rmse"]) == set(METHODS) | {
+    assert set(calibration.diagnostics["calibration_batch"]) == set(METHODS) | {
         f"{name} / karras" for name in SHORTLIST}
     assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
     # OLSS keeps the candidate (schedule, teacher fit or cross-validated refit) that came closest to the
     # teacher; a kept teacher fit's stored coefficients replay its run
     scores = olss_fit["candidate_rmse"]
     assert set(scores) == {"searched path", "uniform path", "karras sigmas"}
-    chosen = scores[olss_fit["schedule"]]["refit, cross-validated" if olss_fit["refit"] else "teacher fit"]
+    chosen = scores[olss_fit["schedule"]]["re-solved, cross-validated" if olss_fit["resolved"] else "teacher fit"]
     assert chosen == min(v for s in scores.values() for v in s.values())
-    if not olss_fit["refit"]:
-        assert chosen == pytest.approx(calibration.diagnostics["calibration_batch_rmse"]["olss"], rel=1e-4)
+    if not olss_fit["resolved"]:
+        assert chosen == pytest.approx(calibration.diagnostics["calibration_batch"]["olss"]["rmse"], rel=1e-4)
     assert len(list(calibration_folder.iterdir())) == 1
     made = len(calls)
     again, _, sigmas_again = _calibrate(counted)
@@ -102,7 +103,7 @@ def test_olss_beats_the_builtin_at_the_same_nfe_on_held_out_noise(model):
                       comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 200))
     builtin = _sample(model, comfy.samplers.sampler_object("dpmpp_2m"),
                       comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 5))
-    sampler = OLSSSampler.execute(calibration, "olss").result[0]
+    sampler = node_for("olss").execute(calibration, "olss").result[0]
     sigmas = CalibrationSigmas.execute(calibration, "olss").result[0]
     ours = _sample(model, sampler, sigmas)
     assert (ours - teacher).pow(2).mean() < 0.5 * (builtin - teacher).pow(2).mean()
@@ -110,7 +111,7 @@ def test_olss_beats_the_builtin_at_the_same_nfe_on_held_out_noise(model):
 
 def test_a_calibration_refuses_what_it_was_not_fitted_for(model):
     calibration = _calibrate(model)[0]
-    sampler = OLSSSampler.execute(calibration, "olss").result[0]
+    sampler = node_for("olss").execute(calibration, "olss").result[0]
     sigmas = CalibrationSigmas.execute(calibration, "olss").result[0]
     other = gmm.build_model("v_prediction" if calibration.family == "flow" else "flow")
     with pytest.raises(CalibrationMismatch, match="family"):
@@ -151,7 +152,7 @@ def test_fixed_sigmas_keep_the_schedule(model):
     given = comfy.samplers.calculate_sigmas(ms, "karras", 4)
     calibration, _, sigmas = _calibrate(model, sigmas=given, method="olss")
     torch.testing.assert_close(sigmas, given.float(), rtol=1e-5, atol=1e-6)
-    assert torch.isfinite(_sample(model, OLSSSampler.execute(calibration, "olss").result[0], sigmas)).all()
+    assert torch.isfinite(_sample(model, node_for("olss").execute(calibration, "olss").result[0], sigmas)).all()
 
 
 def test_load_calibration_lists_the_store(model, calibration_folder):
@@ -194,8 +195,8 @@ def test_calibrated_ksampler_refusals(model):
         _ksampler(model, "olss", calibration=calibration)
 
 
-@pytest.mark.parametrize("node, variant", [(IIASampler, "iia_ddim"), (IIASampler, "biia_heun"),
-                                           (IIASampler, "iia_heun"), (TimeTunerSampler, None)])
+@pytest.mark.parametrize("node, variant", [(node_for("iia_ddim"), "iia_ddim"), (node_for("biia_heun"), "biia_heun"),
+                                           (node_for("iia_heun"), "iia_heun"), (node_for("timetuner"), None)])
 def test_sampler_nodes_sample_their_calibration(model, node, variant):
     method = variant or "timetuner"
     calibration = _calibrate(model, method=method, sampler_name="dpmpp_2m")[0]
@@ -206,17 +207,39 @@ def test_sampler_nodes_sample_their_calibration(model, node, variant):
     with pytest.raises(ValueError, match="fitted for the 4-step sigmas"):
         _sample(model, sampler, comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "beta", 4))
     if variant is None:       # another base sampler can be wrapped; a non-KSAMPLER cannot
-        other = TimeTunerSampler.execute(calibration, comfy.samplers.sampler_object("euler")).result[0]
+        other = node_for("timetuner").execute(calibration, sampler=comfy.samplers.sampler_object("euler")).result[0]
         assert not torch.equal(_sample(model, other, sigmas), out)
         with pytest.raises(ValueError, match="KSAMPLER"):
-            _sample(model, TimeTunerSampler.execute(calibration, object()).result[0], sigmas)
+            _sample(model, node_for("timetuner").execute(calibration, sampler=object()).result[0], sigmas)
 
 
 def test_report_draws_every_panel(model):
+    """Each method has its colour in every panel (its sigmas, its per-step error, its bar against the teacher), the
+    built-ins have grey bars, and the bars' lengths follow the stored errors."""
+    from calibrated_samplers.nodes.report import COLORS, GREY, MARGIN, PANEL
+
+    def pixels_of(image, color, rows):
+        rgb = torch.tensor([int(color[i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.float32) / 255
+        return (image[0, rows].sub(rgb).abs().amax(-1) < 1e-3).nonzero()
+
     calibration = _calibrate(model, method="all")[0]
     image = CalibrationReport.execute(calibration).result[0]
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
-    assert 0 <= float(image.min()) and float(image.max()) <= 1 and image.std() > 0.05
+    assert image.shape[1] == 3 * PANEL + 40
+    errors = calibration.diagnostics["calibration_batch"]
+    bar_rows = slice(2 * PANEL, 3 * PANEL)
+    lengths = {}
+    for i, method in enumerate(calibration.methods):
+        color = COLORS[i % len(COLORS)]
+        for rows in (slice(0, PANEL), slice(PANEL, 2 * PANEL), bar_rows):
+            assert len(pixels_of(image, color, rows)) > 10, (method, rows)
+        found = pixels_of(image, color, bar_rows)
+        lengths[method] = int(found[:, 1].max() - found[:, 1].min())
+    assert len(pixels_of(image, GREY, bar_rows)) > 100
+    longest = max(lengths, key=lengths.get)
+    assert errors[longest]["rmse"] == max(errors[m]["rmse"] for m in lengths)
+    shortest = min(lengths, key=lengths.get)
+    assert errors[shortest]["rmse"] == min(errors[m]["rmse"] for m in lengths)
     without_teacher = _calibrate(model, method="iia_ddim", iia_target="substeps")[0]
     short = CalibrationReport.execute(without_teacher).result[0]
     assert short.shape[1] < image.shape[1]

@@ -1,4 +1,5 @@
 """The Calibration record and its on-disk store: data only, atomic, validated, never unpickled."""
+import json
 import os
 import signal
 import subprocess
@@ -13,11 +14,14 @@ from calibrated_samplers.calibration_cache import (CalibrationFileError, find, l
 from calibrated_samplers.optimizers.calibration import Calibration, CalibrationMismatch
 
 
+SIGMAS = torch.tensor([14.6, 2.0, 0.5, 0.0])
+
+
 def _record(**overrides):
-    fields = dict(family="eps", fingerprint="abc123", sigmas=torch.tensor([14.6, 2.0, 0.5, 0.0]), cfg=3.0,
-                  latent_shape=(4, 8, 8), teacher={"steps": 500, "solver": "dpmpp_2m", "seed": 0, "batch": 8},
-                  fits={"olss": {"weights_x": torch.rand(3), "weights_d": torch.rand(3, 3)}},
-                  diagnostics={"olss": {"step_error": [0.1, 0.2, 0.3]}})
+    fields = dict(family="eps", fingerprint="abc123", cfg=3.0, latent_shape=(4, 8, 8), steps=3,
+                  settings={"teacher": {"steps": 500, "solver": "dpmpp_2m"}, "seed": 0, "batch": 8},
+                  fits={"olss": {"sigmas": SIGMAS, "weights_x": torch.rand(3), "weights_d": torch.rand(3, 3)}},
+                  evaluations={"olss": 3}, diagnostics={"olss": {"step_error": [0.1, 0.2, 0.3]}})
     fields.update(overrides)
     return Calibration(**fields)
 
@@ -26,7 +30,7 @@ def test_round_trip(tmp_path):
     record = _record()
     path = save(record, tmp_path, "my calibration")
     loaded = load(path)
-    assert loaded.key() == record.key() and loaded.methods == ["olss"] and loaded.nfe == 3
+    assert loaded.key() == record.key() and loaded.methods == ["olss"] and loaded.steps == 3
     torch.testing.assert_close(loaded.fits["olss"]["weights_d"], record.fits["olss"]["weights_d"])
     assert loaded.diagnostics == record.diagnostics and loaded.latent_shape == (4, 8, 8)
     assert list_names(tmp_path) == ["my_calibration.safetensors"]
@@ -69,7 +73,8 @@ def test_wrong_schema_version_is_refused(tmp_path):
 
 def test_non_finite_fits_are_never_written(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
-        save(_record(fits={"olss": {"weights_x": torch.tensor([1.0, float("nan")])}}), tmp_path, "nan")
+        save(_record(fits={"olss": {"sigmas": SIGMAS, "weights_x": torch.tensor([1.0, float("nan")])}}), tmp_path,
+             "nan")
     assert list_names(tmp_path) == []
 
 
@@ -84,10 +89,10 @@ def test_names_cannot_escape_the_folder(tmp_path, name):
 
 def test_mismatches_name_the_setting():
     record = _record()
-    record.check_compatible(family="eps", fingerprint="abc123", latent_shape=(4, 8, 8), cfg=3.0, nfe=3)
+    record.check_compatible(family="eps", fingerprint="abc123", latent_shape=(4, 8, 8), cfg=3.0, steps=3)
     for kwargs, word in [({"family": "flow"}, "family"), ({"fingerprint": "zzz"}, "model"),
                          ({"latent_shape": (4, 16, 16)}, "latent shape"), ({"cfg": 5.0}, "cfg"),
-                         ({"nfe": 8}, "steps")]:
+                         ({"steps": 8}, "steps")]:
         with pytest.raises(CalibrationMismatch, match=word):
             record.check_compatible(**kwargs)
 
@@ -98,8 +103,8 @@ sys.path.insert(0, {tests!r})
 import host; host.setup(comfy=False)
 from calibrated_samplers.calibration_cache import save
 from calibrated_samplers.optimizers.calibration import Calibration
-big = {{"olss": {{"weights_d": torch.full((2000, 2000), float(sys.argv[1]))}}}}
-record = Calibration("eps", "f", torch.tensor([1.0, 0.0]), 1.0, (4, 8, 8), {{}}, fits=big)
+big = {{"olss": {{"sigmas": torch.tensor([1.0, 0.0]), "weights_d": torch.full((2000, 2000), float(sys.argv[1]))}}}}
+record = Calibration("eps", "f", 1.0, (4, 8, 8), 1, {{}}, fits=big, evaluations={{"olss": 1}})
 print("ready", flush=True)
 while True:
     save(record, sys.argv[2], "shared")
@@ -132,13 +137,37 @@ def test_killed_and_concurrent_writers_never_leave_a_torn_file(tmp_path):
 @pytest.mark.parametrize("sigmas", [[14.6, 2.0, 0.5, 0.001], [14.6, 2.0, 2.0, 0.0], [14.6, float("nan"), 0.5, 0.0]])
 def test_every_method_schedule_must_end_in_zero_on_save_and_load(tmp_path, sigmas):
     """A method's own sigmas are checked like the record's (uni_pc once wrote 0.001 into a stored last sigma)."""
-    bad = _record(fits={"timetuner": {"sigmas": torch.tensor(sigmas), "ratios": torch.ones(3, dtype=torch.float64)}})
+    bad = _record(fits={"timetuner": {"sigmas": torch.tensor(sigmas), "ratios": torch.ones(3, dtype=torch.float64)}},
+                  evaluations={"timetuner": 3})
     with pytest.raises(ValueError, match="timetuner.sigmas"):
         save(bad, tmp_path, "bad")
     assert list(tmp_path.iterdir()) == []
-    good = _record(fits={"timetuner": {"sigmas": torch.tensor([14.6, 2.0, 0.5, 0.0]),
-                                       "ratios": torch.ones(3, dtype=torch.float64)}})
+    good = _record(fits={"timetuner": {"sigmas": SIGMAS, "ratios": torch.ones(3, dtype=torch.float64)}},
+                   evaluations={"timetuner": 3})
     tensors, metadata = good.tensors(), good.metadata()
     tensors["timetuner.sigmas"] = torch.tensor(sigmas)
     with pytest.raises(ValueError, match="timetuner.sigmas"):
         Calibration.from_tensors(tensors, metadata)
+
+
+def test_a_schema_1_record_is_refused_by_its_version(tmp_path):
+    """Schema 1 kept a top-level `sigmas` and called the settings `teacher`: such a file is refused, not misread."""
+    from calibrated_samplers.calibration_cache import CHECKSUM_KEY, checksum
+    from safetensors.torch import save_file
+    tensors = {"sigmas": SIGMAS, "olss.weights_x": torch.rand(3)}
+    metadata = {"calibrated_samplers": json.dumps({"schema_version": 1, "family": "eps", "fingerprint": "f", "cfg": 3.0,
+                                                   "latent_shape": [4, 8, 8], "teacher": {}, "methods": {"olss": ["weights_x"]}})}
+    metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    with pytest.raises(CalibrationFileError, match="schema version 1.*calibrate again"):
+        load(tmp_path / "old.safetensors")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"evaluations": {}}, "no model evaluation count"),
+    ({"steps": 5}, "olss.sigmas has 3 steps, the calibration 5"),
+    ({"fits": {"olss": {"weights_x": torch.rand(3)}}}, "olss has no sigmas"),
+])
+def test_a_record_must_say_what_each_method_holds(tmp_path, damage, message):
+    with pytest.raises(ValueError, match=message):
+        save(_record(**damage), tmp_path, "x")

@@ -7,6 +7,7 @@ import torch
 
 import comfy.model_sampling as cms
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
+from host import SD15_BETAS
 from tinymodels import gmm
 
 
@@ -56,7 +57,7 @@ def test_noise_placement_matches_comfyui(name):
 def test_vp_alpha_is_comfyui_alphas_cumprod():
     ms = SAMPLINGS["eps"]()
     schedule = NoiseSchedule.from_model_sampling(ms)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.from_numpy(SD15_BETAS)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     alpha, sigma = schedule.alpha_sigma(ms.sigmas.double())
     torch.testing.assert_close(alpha ** 2, alphas_cumprod, rtol=1e-5, atol=1e-7)

@@ -7,6 +7,7 @@ import comfy.sample
 import comfy.samplers
 from calibrated_samplers.optimizers import iia
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
+from calibrated_samplers.nodes.methods import METHODS
 from calibrated_samplers.optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
 from tinymodels import gmm
 
@@ -117,7 +118,7 @@ def test_fit_to_the_teacher_lowers_every_step_and_the_final_error(case, variant)
          trajectory.sigmas, noise)
     fit = iia.IIAFit(targets=[trajectory.state_at(schedule, s) for s in sigmas[1:].tolist()])
     fitted = _run(model, _iia(schedule, variant, fit=fit), sigmas, noise)
-    assert fit.evaluations == iia.evaluations(variant, steps)
+    assert fit.evaluations == METHODS[variant].evaluations(steps, {})
     pairs = [(p, f) for p, f in zip(fit.plain_error, fit.fit_error) if f is not None]
     assert len(pairs) == (steps - 1 if variant == "iia_ddim" else steps)
     assert all(after <= before * (1 + 1e-6) + 1e-6 for before, after in pairs)

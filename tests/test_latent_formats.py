@@ -17,7 +17,7 @@ import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
 from calibrated_samplers.nodes.methods import METHODS
-from calibrated_samplers.nodes.samplers import IIASampler, OLSSSampler, TimeTunerSampler
+from calibrated_samplers.nodes.samplers import node_for
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from tinymodels import gmm
 
@@ -51,11 +51,8 @@ def _leaves(value, path=""):
 
 
 def _method_sampler(calibration, method):
-    if method in OLSSSampler.VARIANTS:
-        return OLSSSampler.execute(calibration, method).result[0]
-    if method in IIASampler.VARIANTS:
-        return IIASampler.execute(calibration, method).result[0]
-    return TimeTunerSampler.execute(calibration).result[0]
+    node = node_for(method)
+    return node.execute(calibration, method if len(node.METHODS) > 1 else None).result[0]
 
 
 def _sample(model, calibration, method):

@@ -9,7 +9,8 @@ import comfy.sample
 import comfy.samplers
 from calibrated_samplers.optimizers import olss
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
-from calibrated_samplers.optimizers.teacher import Trajectory, sample_teacher, state_combinations, teacher_sigmas
+from calibrated_samplers.optimizers.teacher import (Trajectory, rmse, sample_teacher, state_combinations,
+                                                    teacher_sigmas)
 from tinymodels import gmm
 
 CFG = 2.0
@@ -34,12 +35,8 @@ def _teacher(model, schedule, steps, noise, labels=None):
     return trajectory
 
 
-def _olss_sampler(coefficients, refit=None):
-    return comfy.samplers.KSAMPLER(olss.sample_olss, extra_options={"coefficients": coefficients, "refit": refit})
-
-
-def _rmse(a, b):
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
+def _olss_sampler(coefficients, resolve=None):
+    return comfy.samplers.KSAMPLER(olss.sample_olss, extra_options={"coefficients": coefficients, "resolve": resolve})
 
 
 TEACHER_STEPS = 120
@@ -211,10 +208,10 @@ def test_olss_beats_dpmpp_2m_karras_at_five_evaluations(calibrated):
     calls = []
     counted = model.clone()
     counted.set_model_sampler_post_cfg_function(lambda args: calls.append(1) or args["denoised"])
-    ours = _rmse(_run(counted, _olss_sampler(coefficients), coefficients.sigmas, held_out), reference)
+    ours = rmse(_run(counted, _olss_sampler(coefficients), coefficients.sigmas, held_out), reference)
     assert len(calls) == 5
     karras = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 5)
-    theirs = _rmse(_run(model, comfy.samplers.sampler_object("dpmpp_2m"), karras, held_out), reference)
+    theirs = rmse(_run(model, comfy.samplers.sampler_object("dpmpp_2m"), karras, held_out), reference)
     assert math.isfinite(ours) and ours < 0.5 * theirs, (family, ours, theirs)
 
 
@@ -231,27 +228,27 @@ def test_sampler_refuses_other_sigmas(calibrated):
 
 # (g) -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [4, 6])
-def test_sequential_refit_lowers_every_step_and_the_calibration_error(calibrated, steps):
-    """Re-solving each step on the student's own outputs (SequentialRefit) never raises a step's error from
+def test_sequential_resolve_lowers_every_step_and_the_calibration_error(calibrated, steps):
+    """Re-solving each step on the student's own outputs (SequentialResolve) never raises a step's error from
     the same state, lowers the final error on the calibration batch, and the coefficients it writes back
     replay its run. (Whether that generalises is for cross-validation to say: see the next test.)"""
     _, model, schedule, trajectory, gram, _ = calibrated
     prior = olss.fit_olss(gram, olss.search_path(gram, steps))
     ours = prior.copy()
-    refit = _refit(schedule, trajectory, prior)
+    resolve = _resolve(schedule, trajectory, prior)
     noise = _noise(CALIBRATION, 0)
-    fitted = _run(model, _olss_sampler(ours, refit), prior.sigmas, noise)
-    assert len(refit.errors) == len(refit.prior_errors) == steps
-    assert all(after <= before * (1 + 1e-9) for before, after in zip(refit.prior_errors, refit.errors))
+    fitted = _run(model, _olss_sampler(ours, resolve), prior.sigmas, noise)
+    assert len(resolve.errors) == len(resolve.prior_errors) == steps
+    assert all(after <= before * (1 + 1e-9) for before, after in zip(resolve.prior_errors, resolve.errors))
     assert not torch.equal(ours.weights_d, prior.weights_d)
     assert torch.allclose(_run(model, _olss_sampler(ours), ours.sigmas, noise), fitted, atol=1e-5)
-    assert _rmse(fitted, trajectory.final) < _rmse(_run(model, _olss_sampler(prior), prior.sigmas, noise),
+    assert rmse(fitted, trajectory.final) < rmse(_run(model, _olss_sampler(prior), prior.sigmas, noise),
                                                    trajectory.final)
 
 
-def test_refit_on_some_rows_ignores_the_others(calibrated):
+def test_resolve_on_some_rows_ignores_the_others(calibrated):
     """With `rows`, only those samples enter the fit, so the other half can measure it held out; with
-    `keep_prior` nothing is refitted."""
+    `keep_prior` nothing is re-solved."""
     _, model, schedule, trajectory, gram, _ = calibrated
     prior = olss.fit_olss(gram, olss.search_path(gram, 4))
     rows = list(range(0, CALIBRATION, 2))
@@ -260,41 +257,15 @@ def test_refit_on_some_rows_ignores_the_others(calibrated):
         noise = _noise(CALIBRATION, 0)
         noise[1::2] = _noise(CALIBRATION // 2, 100 + seed)       # other samples off the fitted rows
         ours = prior.copy()
-        _run(model, _olss_sampler(ours, _refit(schedule, trajectory, prior, rows=rows)), prior.sigmas, noise)
+        _run(model, _olss_sampler(ours, _resolve(schedule, trajectory, prior, rows=rows)), prior.sigmas, noise)
         fits.append(ours.weights_d)
     assert torch.allclose(fits[0], fits[1], rtol=1e-9, atol=1e-12) and not torch.equal(fits[0], prior.weights_d)
     kept = prior.copy()
-    measured = _refit(schedule, trajectory, prior, keep_prior=True)
+    measured = _resolve(schedule, trajectory, prior, keep_prior=True)
     _run(model, _olss_sampler(kept, measured), prior.sigmas, _noise(CALIBRATION, 0))
     assert torch.equal(kept.weights_d, prior.weights_d) and len(measured.errors) == 4
 
 
-def _refit(schedule, trajectory, c, **options):
+def _resolve(schedule, trajectory, c, **options):
     sigmas = c.sigmas.double()[1:].tolist()
-    return olss.SequentialRefit([trajectory.state_at(schedule, s) for s in sigmas], [1.0] * len(sigmas), **options)
-
-
-def test_joint_refit_never_raises_the_final_error_and_replays(calibrated):
-    """JointRefit (all coefficients and interior sigmas for the final x, Levenberg-Marquardt): the fitted rows'
-    error never rises, it counts its evaluations, measures the other rows, and the coefficients and sigmas it
-    writes back replay its final x."""
-    _, model, schedule, trajectory, gram, _ = calibrated
-    start = olss.fit_olss(gram, olss.search_path(gram, 4))
-    ours = start.copy()
-    rows = list(range(0, CALIBRATION, 2))
-    joint = olss.JointRefit(trajectory.final, iterations=2, rows=rows)
-    noise = _noise(CALIBRATION, 0)
-    tuned = _run(model, comfy.samplers.KSAMPLER(olss.refine_olss, extra_options={"coefficients": ours, "joint": joint}),
-                 start.sigmas, noise)
-    assert len(joint.errors) == len(joint.held_errors) == 3
-    assert all(b <= a for a, b in zip(joint.errors, joint.errors[1:]))
-    assert joint.errors[-1] < joint.errors[0]
-    # per iteration: the Jacobian (sum over steps i < n - 1 of (i + 2)(n - 1 - i), plus n - i per sigma i) and
-    # at least one trial run of n; plus the first run
-    n = 4
-    jacobian = sum((i + 2) * (n - 1 - i) for i in range(n - 1)) + sum(n - i for i in range(1, n))
-    assert joint.evaluations >= n + 2 * (jacobian + n)
-    assert torch.all(ours.sigmas[1:] < ours.sigmas[:-1])
-    replay = _run(model, _olss_sampler(ours), ours.sigmas, noise)
-    assert torch.allclose(replay, tuned, atol=1e-5)
-    assert _rmse(replay[rows], trajectory.final[rows]) == pytest.approx(joint.errors[-1], rel=1e-4)
+    return olss.SequentialResolve([trajectory.state_at(schedule, s) for s in sigmas], [1.0] * len(sigmas), **options)

@@ -7,7 +7,7 @@ import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
 from calibrated_samplers.nodes.methods import METHODS
-from calibrated_samplers.nodes.samplers import IIASampler, OLSSSampler, TimeTunerSampler
+from calibrated_samplers.nodes.samplers import node_for
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from tinymodels import gmm
 
@@ -32,11 +32,8 @@ def calibrate(model, steps=4, teacher_steps=60, batch=4, method="all", **options
 
 
 def sampler_of(calibration, method):
-    if method in ("olss", "olss_p"):
-        return OLSSSampler.execute(calibration, method).result[0]
-    if method == "timetuner":
-        return TimeTunerSampler.execute(calibration).result[0]
-    return IIASampler.execute(calibration, method).result[0]
+    node = node_for(method)
+    return node.execute(calibration, method if len(node.METHODS) > 1 else None).result[0]
 
 
 def sample(model, calibration, method, batch=2, seed=10_000):
@@ -140,7 +137,7 @@ def test_fingerprint_is_the_same_loaded_or_not():
     """ComfyUI patches LoRA weights into the shared model while it is loaded: the fingerprint hashes the
     original weights plus the patches, so it does not depend on what happens to be loaded."""
     import comfy.model_management
-    from calibrated_samplers.nodes.calibration import model_fingerprint
+    from calibrated_samplers.nodes.fingerprint import model_fingerprint
     from tinymodels import digits
 
     unloaded = _with_lora_patch(digits.build_model("eps"))
@@ -167,7 +164,7 @@ def test_a_calibration_of_a_lora_patched_model_samples():
                                            CFG, 2, 8, 2, "iia_ddim").result[0]
     try:
         out = SamplerCustom.execute(patched, True, 10_000, CFG, digits.conditioning([3]), digits.null_conditioning(1),
-                                    IIASampler.execute(calibration, "iia_ddim").result[0],
+                                    node_for("iia_ddim").execute(calibration, "iia_ddim").result[0],
                                     CalibrationSigmas.execute(calibration, "iia_ddim").result[0], empty).result[0]
         assert torch.isfinite(out["samples"]).all()
     finally:

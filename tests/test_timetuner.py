@@ -5,10 +5,10 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-from calibrated_samplers.nodes import time_input
+from calibrated_samplers.nodes.methods import timetuner as time_input
 from calibrated_samplers.optimizers import timetuner as tt
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
-from calibrated_samplers.optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
+from calibrated_samplers.optimizers.teacher import Trajectory, rmse, sample_teacher, teacher_sigmas
 from tinymodels import gmm
 
 CFG = 2.0
@@ -42,12 +42,8 @@ def _tuner(name, targets, result, **options):
     base = comfy.samplers.sampler_object(name)
     return comfy.samplers.KSAMPLER(tt.tune_time_ratios, extra_options=dict(
         base=base.sampler_function, base_options=base.extra_options, targets=targets,
-        with_time_ratio=time_input.with_time_ratio, verify=time_input.verify_time_ratio, result=result, **options),
-        inpaint_options=base.inpaint_options)
-
-
-def _rmse(a, b):
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
+        with_time_ratio=time_input.with_time_ratio, callback_scale=time_input.CALLBACK_SCALES.get(name),
+        verify=time_input.verify_time_ratio, result=result, **options), inpaint_options=base.inpaint_options)
 
 
 class _NetSpy:
@@ -113,7 +109,7 @@ def test_ratio_scales_only_the_time_input(family):
     assert torch.equal(xc0, xc1)                                                  # c_in keeps the nominal sigma
     torch.testing.assert_close(t1.double(), t0.double() * 1.2, rtol=1e-6, atol=0)
     assert not torch.equal(t0, t1)
-    assert _rmse(plain, scaled) > 1e-4                                            # the net believes another noise level
+    assert rmse(plain, scaled) > 1e-4                                            # the net believes another noise level
 
 
 def test_hook_leaves_the_callers_model_options_alone():
@@ -156,33 +152,30 @@ def test_sequential_tuning_lowers_every_step_error(calibration, name):
     assert ratios.dtype == torch.float64 and ratios.shape == (STEPS,)
     assert torch.all((ratios >= 0.7) & (ratios <= 1.3))
     assert bool(torch.any(ratios != 1))
-    before, after = result["errors_before"], result["errors_after"]
-    assert all(a <= b for a, b in zip(after, before)), (before, after)
-    assert sum(after) < sum(before)
-    assert result["errors_final"] == pytest.approx(after, rel=1e-9)      # single-evaluation: later ratios act later
-    assert _rmse(base, targets[-1]) == pytest.approx(result["errors_nominal"][-1], rel=1e-5)
-    assert _rmse(final, targets[-1]) < _rmse(base, targets[-1])
+    assert rmse(base, targets[-1]) == pytest.approx(result["errors_nominal"][-1], rel=1e-5)
+    assert rmse(final, targets[-1]) == pytest.approx(result["errors_final"][-1], rel=1e-5)
+    assert rmse(final, targets[-1]) < rmse(base, targets[-1])
+    assert sum(result["errors_final"]) < sum(result["errors_nominal"])
+    # where a ratio moved, it lowers its own step's error: measured on states of independent sampling runs (the
+    # callback's), with that one ratio tuned or set back to 1, so wrong bookkeeping in the tuner shows here
+    moved = [i for i in range(STEPS) if ratios[i] != 1]
+    assert moved
+    for i in moved:
+        errors = []
+        for r in (float(ratios[i]), 1.0):
+            trial = ratios.clone()
+            trial[i] = r
+            states = []
+            _run(model, _timetuner(name, tt.TimeRatios(sigmas, trial)), sigmas, noise,
+                 callback=lambda step, d, x, total: states.append(x.clone()))
+            errors.append(rmse(states[i + 1], targets[i]) if i + 1 < STEPS else None)
+        if errors[0] is not None:
+            assert errors[0] == pytest.approx(result["errors_final"][i], rel=1e-5)
+            assert errors[0] < errors[1], (i, errors)
     # the fitted ratios, sampled again: the tuner's own result
     again = _run(model, _timetuner(name, tt.TimeRatios(sigmas, ratios)), sigmas, noise)
     assert torch.equal(again, final)
-    per_step = [e + result["probe_evaluations"] / STEPS for e in result["evaluations"]]
-    assert max(per_step) < 30, result["evaluations"]
-    print(family, name, "ratios", [round(float(r), 4) for r in ratios], "evaluations", result["evaluations"],
-          "probe", result["probe_evaluations"], "final rmse", _rmse(base, targets[-1]), "->", _rmse(final, targets[-1]))
-
-
-def test_parallel_mode(calibration):
-    family, model, sigmas, noise, targets = calibration
-    result = {}
-    final = _run(model, _tuner("ddim", targets, result, mode="parallel"), sigmas, noise)
-    assert result["mode"] == "parallel"
-    before, after = result["errors_before"], result["errors_after"]
-    assert before == pytest.approx(result["errors_nominal"], rel=1e-9)   # every step from the nominal trajectory
-    assert all(a <= b for a, b in zip(after, before)) and sum(after) < sum(before)
-    assert bool(torch.any(result["ratios"] != 1))
-    assert result["final_evaluations"] >= 1
-    again = _run(model, _timetuner("ddim", tt.TimeRatios(sigmas, result["ratios"])), sigmas, noise)
-    assert torch.equal(again, final)
+    assert result["evaluations"] < 30 * STEPS
 
 
 def test_memo_skips_earlier_steps_and_counts_honestly(calibration):
@@ -193,14 +186,13 @@ def test_memo_skips_earlier_steps_and_counts_honestly(calibration):
         _run(model, comfy.samplers.sampler_object("euler"), sigmas, noise)
     net_calls_per_eval = len(spy.calls) / STEPS
     result = {}
+    maxiter = 8
     with _NetSpy(model) as spy:
-        _run(model, _tuner("euler", targets, result), sigmas, noise)
-    assert result["probe_evaluations"] == STEPS
-    assert len(spy.calls) == result["total_evaluations"] * net_calls_per_eval
-    assert result["total_evaluations"] == STEPS + sum(result["evaluations"])
-    for i, (evaluations, trials) in enumerate(zip(result["evaluations"], result["trials"])):
-        assert evaluations <= len(trials) - (1 if i == 0 else 0), (i, evaluations, len(trials))
-    assert result["evaluations"][-1] < 2 * len(result["trials"][-1])     # no re-run of steps 0..3 per trial
+        _run(model, _tuner("euler", targets, result, maxiter=maxiter), sigmas, noise)
+    assert len(spy.calls) == result["evaluations"] * net_calls_per_eval
+    # the nominal run, then per step at most r = 1 and the bounded search's trials, one evaluation each: re-running
+    # steps 0..i-1 for every trial of step i would cost about (STEPS + 1) / 2 times as much
+    assert STEPS < result["evaluations"] <= STEPS + STEPS * (maxiter + 1)
 
 
 def test_callback_once_per_step(calibration):
@@ -238,7 +230,7 @@ def test_other_samplers_tune_without_raising_errors():
     for name in ("heun", "uni_pc"):
         result = {}
         final = _run(model, _tuner(name, targets, result, maxiter=6), sigmas, noise)
-        assert all(a <= b for a, b in zip(result["errors_after"], result["errors_before"])), name
+        assert sum(result["errors_final"]) < sum(result["errors_nominal"]), name
         again = _run(model, _timetuner(name, tt.TimeRatios(sigmas, result["ratios"])), sigmas, noise)
         assert torch.equal(again, final), name
 
@@ -258,4 +250,4 @@ def test_digits_unet_takes_the_time_input():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(base, same)
-    assert _rmse(base, other) > 1e-4
+    assert rmse(base, other) > 1e-4

@@ -10,9 +10,9 @@ import torch
 import comfy.model_sampling as cms
 from calibrated_samplers.optimizers import trust_region as tr
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
+from host import SD15_BETAS
 
-# SD1.5 / SDXL: scaled-linear betas 0.00085..0.012, 1000 steps (ComfyUI's ModelSamplingDiscrete)
-BETAS = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+BETAS = SD15_BETAS
 _ALPHAS_CUMPROD = np.cumprod(1 - BETAS)
 _SIGMAS = np.sqrt((1 - _ALPHAS_CUMPROD) / _ALPHAS_CUMPROD)
 SD = NoiseSchedule("eps", float(_SIGMAS[0]), float(_SIGMAS[-1]))

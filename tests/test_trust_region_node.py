@@ -2,7 +2,10 @@
 import pytest
 import torch
 
+import comfy.samplers
 from calibrated_samplers.nodes.trust_region import TrustRegionStepsScheduler, _optimized
+from calibrated_samplers.optimizers import trust_region as tr
+from calibrated_samplers.optimizers.coordinates import NoiseSchedule
 from comfy_extras.nodes_custom_sampler import KSamplerSelect, SamplerCustom
 from tinymodels import gmm
 
@@ -25,10 +28,23 @@ def test_sigmas_span_the_model_range(model, solver):
     assert torch.all(sigmas[1:] < sigmas[:-1]) and sigmas[-2] > float(ms.sigma_min) * 0.999
 
 
-def test_inits_and_exponent_change_nothing_but_the_result(model):
-    for init in ("uniform_t", "uniform_lambda", "karras"):
+def test_every_init_and_exponent_lowers_the_error_bound(model):
+    """The node's schedule has a lower surrogate error bound (the paper's, with the node's p and trunc_num 3)
+    than the start it was given, and the exponent p changes the schedule."""
+    ms = model.get_model_object("model_sampling")
+    schedule = NoiseSchedule.from_model_sampling(ms)
+    starts = {"uniform_t": comfy.samplers.calculate_sigmas(ms, "normal", 5).double().numpy(),
+              "uniform_lambda": "uniform_lambda", "karras": "karras"}
+    for init, start in starts.items():
+        results = []
         for p in (1.0, 2.0):
-            assert torch.isfinite(_sigmas(model, 5, "uni_pc", init, p)).all()
+            sigmas = _sigmas(model, 5, "uni_pc", init, p)
+            before = tr.objective(tr.initial_lambdas(schedule, 5, start), schedule, "uni_pc", p, trunc_num=3)
+            after = tr.objective(tr.initial_lambdas(schedule, 5, sigmas.double().numpy()), schedule, "uni_pc", p,
+                                 trunc_num=3)
+            assert after < before, (init, p, before, after)
+            results.append(sigmas)
+        assert not torch.allclose(results[0], results[1]), init
 
 
 def test_denoise_below_one_covers_the_img2img_range(model):

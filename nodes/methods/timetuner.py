@@ -1,20 +1,93 @@
-"""The TimeTuner hook: scales the time input the diffusion model receives, nothing else.
+"""TimeTuner (Xia et al., CVPR 2024) on ComfyUI: a deterministic ComfyUI sampler with a tuned time input per
+step, and the hook that feeds the network that time input.
 
-`with_time_ratio(extra_args, ratios)` returns a copy of a k-diffusion sampler's extra_args whose
+The hook: `with_time_ratio(extra_args, ratios)` returns a copy of a k-diffusion sampler's extra_args whose
 model_options carry a DIFFUSION_MODEL wrapper (comfy.patcher_extension). That wrapper runs after
 ComfyUI has scaled the input (c_in) and converted sigma to the network's timestep, around
 `diffusion_model.forward(x, timesteps, ...)`: it multiplies `timesteps` by `ratios(sigma)` of each
 batch row (sigma from transformer_options["sigmas"]) and leaves the input, the conditioning and the
 output conversion alone. The caller's extra_args and model_options are never modified.
-
 Diffusion models that do not run DIFFUSION_MODEL wrappers (in ComfyUI 0.3.75 e.g. SD3's MMDiT) would
 silently ignore the ratios: `verify_time_ratio` raises after such a run.
 """
+import math
+import time
+
 import torch
 
 import comfy.model_patcher
 import comfy.patcher_extension as pe
+import comfy.samplers
+from comfy_api.latest import io
 
+from ...optimizers import timetuner
+from ..builtins import DETERMINISTIC_SAMPLERS, ksampler_sigmas, model_evaluations
+from . import Method, finite, scheduler_setting
+
+# ComfyUI's uni_pc samplers report their states to the callback in variance-preserving scale, x / sqrt(1 + sigma^2)
+CALLBACK_SCALES = {name: (lambda sigma: math.sqrt(1 + sigma ** 2)) for name in ("uni_pc", "uni_pc_bh2")}
+
+
+class TimeTuner(Method):
+    name = "timetuner"
+    summary = "TimeTuner: the chosen sampler with a tuned time input per step (the scheduler's sigmas)"
+    follows = ("scheduler", "sampler_name")
+    node = ("TimeTunerSampler", "TimeTuner Sampler",
+            "TimeTuner (Xia et al., CVPR 2024): the sampler the calibration was tuned with, feeding the network a tuned "
+            "time input per step. Use with the calibration's sigmas (Calibration Sigmas, method timetuner).")
+
+    @staticmethod
+    def sampler_inputs():
+        return [io.Sampler.Input("sampler", optional=True,
+                                 tooltip="Wrap this sampler instead (e.g. from KSamplerSelect); the ratios were tuned "
+                                         "for the calibration's sampler, so use the same one for best results.")]
+
+    def check(self, request, sigmas, schedule):
+        if request.sampler_name not in DETERMINISTIC_SAMPLERS:
+            raise ValueError(f"sampler_name {request.sampler_name!r}: TimeTuner needs a deterministic sampler, one of "
+                             f"{', '.join(DETERMINISTIC_SAMPLERS)}")
+        if request.sigmas is None and float(sigmas[0]) < schedule.sigma_max * (1 - 1e-3):
+            raise ValueError(f"scheduler {request.scheduler} starts at sigma {float(sigmas[0]):.4g}, below the model's "
+                             f"{schedule.sigma_max:.4g}: TimeTuner needs a schedule from sigma_max (or connect sigmas)")
+
+    def settings(self, request):
+        return {**scheduler_setting(request), "sampler_name": request.sampler_name}
+
+    def evaluations(self, steps, settings):
+        return model_evaluations(settings["sampler_name"], steps)
+
+    def plain_sampler(self, settings):
+        return settings["sampler_name"]
+
+    def fit(self, run):
+        request = run.request
+        sigmas = run.sigmas if request.sigmas is not None else ksampler_sigmas(
+            run.model.get_model_object("model_sampling"), request.scheduler, request.steps, request.sampler_name).double()
+        targets = run.teacher_states(sigmas[1:])
+        base = comfy.samplers.sampler_object(request.sampler_name)
+        result = {}
+        start = time.perf_counter()
+        run.sample(timetuner.tune_time_ratios, sigmas.float(), base=base.sampler_function,
+                   base_options=base.extra_options, targets=targets, with_time_ratio=with_time_ratio,
+                   callback_scale=CALLBACK_SCALES.get(request.sampler_name), verify=verify_time_ratio, result=result)
+        tensors = finite(self.name, {"sigmas": sigmas.float(), "ratios": result["ratios"].double()})
+        steps = len(sigmas) - 1
+        return tensors, {"sampler_name": request.sampler_name, "step_error": result["errors_final"],
+                         "plain_step_error": result["errors_nominal"], "evaluations": result["evaluations"],
+                         "evaluations_per_step": result["evaluations"] / steps,
+                         "fit_seconds": time.perf_counter() - start}
+
+    def sampler(self, tensors, settings, schedule, sampler=None):
+        base = sampler or comfy.samplers.sampler_object(settings["sampler_name"])
+        if not hasattr(base, "sampler_function"):
+            raise ValueError("TimeTuner wraps ComfyUI's k-diffusion samplers (KSAMPLER); this SAMPLER is another kind")
+        return timetuner.sample_timetuner, {
+            "base": base.sampler_function, "base_options": base.extra_options,
+            "ratios": timetuner.TimeRatios(tensors["sigmas"][:-1], tensors["ratios"]),
+            "with_time_ratio": with_time_ratio, "verify": verify_time_ratio}
+
+
+# --- the time-input hook ----------------------------------------------------------------------------
 WRAPPER_KEY = "calibrated_samplers.time_ratio"
 
 

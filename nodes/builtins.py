@@ -1,0 +1,30 @@
+"""What the pack needs to know about ComfyUI's own samplers and schedulers, in one place."""
+import torch
+
+import comfy.samplers
+
+# ComfyUI's deterministic samplers (no noise injected: one trajectory per start noise), in KSampler's order:
+# those a method can tune, and those the report and the benchmarks compare with.
+DETERMINISTIC_SAMPLERS = ["euler", "ddim", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
+                          "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2"]
+# Built-ins every calibration with a teacher is compared with on the calibration batch (the report)
+SHORTLIST = ["euler", "dpmpp_2m", "uni_pc", "deis", "ipndm"]
+
+
+def ksampler_sigmas(model_sampling, scheduler, steps, sampler_name=None):
+    """Sigmas as ComfyUI's KSampler makes them (it drops the penultimate sigma for some samplers)."""
+    discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + discard)
+    return drop_penultimate(sigmas) if discard else sigmas
+
+
+def drop_penultimate(sigmas):
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
+
+
+def model_evaluations(sampler_name, steps) -> int:
+    """Model evaluations of a deterministic ComfyUI sampler over `steps` steps ending at sigma 0: heun and dpm_2
+    evaluate twice per step but the last, heunpp2 three times (twice at the penultimate step)."""
+    if sampler_name == "heunpp2":
+        return max(1, 3 * steps - 3)
+    return 2 * steps - 1 if sampler_name in ("heun", "dpm_2") else steps

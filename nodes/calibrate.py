@@ -1,0 +1,92 @@
+"""Calibrate once, sample with checks: `calibrate` gives the stored calibration for a request or fits a new
+one (every method from one CalibrationRun, the teacher shared), and `checked_sampler` makes a calibrated
+method into a KSAMPLER that refuses a model, guidance, latent or sigmas it was not fitted for."""
+import logging
+
+
+import comfy.model_management
+import comfy.samplers
+
+from ..optimizers.calibration import Calibration, check_same_sigmas
+from ..optimizers.coordinates import NoiseSchedule
+from ..optimizers.teacher import rmse
+from . import store
+from .builtins import SHORTLIST, ksampler_sigmas, model_evaluations
+from .fingerprint import model_fingerprint
+from .methods import METHODS
+from .request import Request, plan
+from .run import CalibrationRun
+
+
+def calibrate(model, positive, negative, latent, request: Request, refit=False):
+    """(Calibration, the teacher's final x in the model's space, or None when there was no teacher run or a
+    stored calibration was reused). `latent`: [B, C, H, W], its first sample sets the shape."""
+    p = plan(model, tuple(latent.shape[1:]), request)
+    if not refit:
+        found = store.find(p.key)
+        if found is not None:
+            logging.info("Calibrated Samplers: reusing stored calibration %s", p.key)
+            return found, None
+    run = CalibrationRun(model=model, plan=p, positive=positive, negative=negative, latent=latent[:1])
+    fits, diagnostics = {}, {}
+    for name in request.methods:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        fits[name], diagnostics[name] = METHODS[name].fit(run)
+    evaluations = {name: METHODS[name].evaluations(request.steps, p.settings) for name in fits}
+    if run.has_teacher:
+        diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
+        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations)
+    calibration = Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
+                              latent_shape=tuple(latent.shape[1:]), steps=request.steps, settings=p.settings,
+                              fits=fits, evaluations=evaluations, diagnostics=diagnostics)
+    store.save(calibration, f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}")
+    return calibration, run.trajectory.final if run.has_teacher else None
+
+
+def calibration_batch_errors(run, fits, evaluations):
+    """{label: {"rmse": against the teacher's final x, "evaluations": per sample}} on the calibration noises, for
+    each fitted method and the SHORTLIST built-ins on the run's scheduler at the same steps: what calibration
+    bought, in sample."""
+    final = run.trajectory.final
+    ms = run.model.get_model_object("model_sampling")
+    request = run.request
+    errors = {}
+    for name, tensors in fits.items():
+        function, options = METHODS[name].sampler(tensors, run.plan.settings, run.schedule)
+        x = run.sample(function, tensors["sigmas"].float(), **options)
+        errors[name] = {"rmse": rmse(x.cpu(), final), "evaluations": evaluations[name]}
+    where = "given sigmas" if request.sigmas is not None else request.scheduler
+    for name in SHORTLIST:
+        sigmas = run.sigmas if request.sigmas is not None else ksampler_sigmas(ms, request.scheduler, request.steps, name)
+        sampler = comfy.samplers.sampler_object(name)
+        x = run.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options)
+        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final),
+                                        "evaluations": model_evaluations(name, request.steps)}
+    return errors
+
+
+def method_sigmas(calibration, method):
+    """The sigmas a calibration's method samples on (a copy: some samplers write into their sigmas)."""
+    if method not in calibration.fits:
+        raise ValueError(f"this calibration holds {', '.join(calibration.methods)}, not {method}: "
+                         f"calibrate with method '{method}' or 'all'")
+    return calibration.fits[method]["sigmas"].float().clone()
+
+
+def checked_sampler(calibration, method, **inputs):
+    """A KSAMPLER for the calibration's method that refuses a model, cfg, latent or sigmas it was not fitted
+    for. `inputs`: those of the method's sampler node (`Method.sampler_inputs`)."""
+    fitted = method_sigmas(calibration, method)
+    tensors = calibration.fits[method]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        inner = model.inner_model
+        patcher = inner.model_patcher
+        schedule = NoiseSchedule.from_model_sampling(patcher.get_model_object("model_sampling"))
+        calibration.check_compatible(family=schedule.family, fingerprint=model_fingerprint(patcher),
+                                     latent_shape=tuple(x.shape[1:]), cfg=float(inner.cfg))
+        check_same_sigmas(sigmas, fitted, f"this {method} calibration")
+        function, options = METHODS[method].sampler(tensors, calibration.settings, schedule, **inputs)
+        return function(model, x, sigmas, extra_args, callback, disable, **options)
+
+    return comfy.samplers.KSAMPLER(sample)

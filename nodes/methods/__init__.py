@@ -1,0 +1,93 @@
+"""The calibrated methods: one module each, and the registry that the nodes, the report and KSampler
+(Calibrated) loop over without naming a method.
+
+A `Method` owns everything about itself: its settings and their checks, the schedule it samples on,
+whether it needs the teacher, the settings it adds to a calibration's key, its fit, its sampler, its
+model evaluations per sample, which KSampler inputs a calibration of it must match, and what it reports
+(`fit`'s diagnostics: "step_error", and "plain_step_error" where the method corrects a plain solver).
+Adding a method is one module and one line in `METHODS` below.
+"""
+import torch
+
+from ...optimizers.calibration import CalibrationMismatch
+
+
+class Method:
+    name = ""
+    summary = ""                    # one line, for tooltips
+    follows = ()                    # KSampler inputs a calibration of this method must match ("scheduler", ...)
+    node = ("", "", "")             # (node id, display name, description) of its sampler node; methods that share
+    default_variant = False         # a node are its variants, this one the default
+
+    def needs_teacher(self, request) -> bool:
+        return True
+
+    def check(self, request, sigmas, schedule):
+        """Raise ValueError naming the input if this method cannot be fitted for the request."""
+
+    def settings(self, request) -> dict:
+        """The request's settings this method's fit depends on (they enter the calibration's key)."""
+        return {}
+
+    def evaluations(self, steps, settings) -> int:
+        """Model evaluations per sample when sampling `steps` steps."""
+        return steps
+
+    def fit(self, run) -> tuple[dict, dict]:
+        """(tensors, with the "sigmas" it samples on; JSON-able diagnostics) fitted on a CalibrationRun."""
+        raise NotImplementedError
+
+    def sampler(self, tensors, settings, schedule, **inputs) -> tuple:
+        """(k-diffusion sampler function, its options) from stored tensors and the calibration's settings, for a
+        model with this NoiseSchedule; `inputs`: those of its sampler node (`sampler_inputs`)."""
+        raise NotImplementedError
+
+    def check_use(self, settings, **given):
+        """Raise CalibrationMismatch if a KSampler input this method follows (`follows`) differs from the setting
+        the calibration was fitted with."""
+        for name in self.follows:
+            fitted = settings.get(name)
+            if fitted is not None and given.get(name) is not None and given[name] != fitted:
+                raise CalibrationMismatch(f"this calibration was fitted with {name} {fitted}, not {given[name]}: "
+                                          f"set {name} to {fitted} or calibrate again")
+
+    def plain_sampler(self, settings) -> str | None:
+        """The built-in sampler this method corrects on the same sigmas, if any (the report and the benchmark
+        compare the two)."""
+        return None
+
+    @staticmethod
+    def inputs() -> list:
+        """Inputs of the Calibrate node that only this method reads (optional, appended after the others)."""
+        return []
+
+    @staticmethod
+    def sampler_inputs() -> list:
+        """Inputs of its sampler node besides the calibration (and the variant)."""
+        return []
+
+
+def finite(name, tensors):
+    """The fitted tensors, or ValueError if any is NaN or inf (nothing is stored then)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{name}: the fit gave NaN or inf ({key}); the model's outputs are not finite or the "
+                             "calibration batch is degenerate: nothing was stored")
+    return tensors
+
+
+def scheduler_setting(request) -> dict:
+    """The scheduler, for a method that samples on (or tries) the scheduler's sigmas, unless sigmas were given."""
+    return {} if request.sigmas is not None else {"scheduler": request.scheduler}
+
+
+from . import iia, olss, timetuner  # noqa: E402
+
+METHODS = {m.name: m for m in [
+    olss.OLSS("olss"),
+    olss.OLSS("olss_p"),
+    iia.IIA("iia_ddim"),
+    iia.IIA("biia_heun"),
+    iia.IIA("iia_heun"),
+    timetuner.TimeTuner(),
+]}

@@ -1,0 +1,99 @@
+"""A calibration request: the node's inputs, read and checked once, before any model call.
+
+`Request` is frozen: every function below the nodes takes it whole and reads what it needs by name.
+`plan` checks it against the model (its family and noise schedule) and gives the student sigmas, the
+settings the fits depend on (`settings`, stored with the calibration) and the key under which the result
+is stored and found again.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+
+import comfy.samplers
+
+from ..optimizers.calibration import calibration_key, check_schedule
+from ..optimizers.coordinates import NoiseSchedule
+from .builtins import ksampler_sigmas
+from .fingerprint import model_fingerprint
+from .methods import METHODS
+
+TEACHER_SOLVER = "dpmpp_2m_lambda"
+
+
+@dataclass(frozen=True)
+class Request:
+    methods: tuple                  # names in METHODS
+    steps: int                      # KSampler's steps
+    cfg: float
+    seed: int                       # of the calibration noises
+    teacher_steps: int
+    calibration_batch: int
+    scheduler: str = "karras"       # the student sigmas, unless `sigmas` are given
+    sampler_name: str = "euler"     # the sampler a method tunes, where one does
+    sigmas: tuple | None = None     # student sigmas the user gave, or None
+    options: tuple = ()             # (name, value) of the inputs a method declares for itself (`Method.inputs`)
+
+    @classmethod
+    def from_inputs(cls, method, sigmas=None, **inputs):
+        """From a node's inputs; `method` is one name of METHODS or "all"; inputs that are not fields of the
+        request are the methods' own options."""
+        if method != "all" and method not in METHODS:
+            raise ValueError(f"method {method!r}: expected 'all' or one of {', '.join(METHODS)}")
+        given = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).detach().cpu().double())
+        names = {f.name for f in fields(cls)}
+        options = tuple(sorted((k, v) for k, v in inputs.items() if k not in names and v is not None))
+        return cls(methods=tuple(METHODS) if method == "all" else (method,), sigmas=given, options=options,
+                   **{k: v for k, v in inputs.items() if k in names})
+
+    def option(self, name, default=None):
+        return dict(self.options).get(name, default)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(METHODS[m].needs_teacher(self) for m in self.methods)
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: Request
+    schedule: NoiseSchedule
+    sigmas: torch.Tensor            # the student sigmas of the methods that keep a schedule (float64)
+    settings: dict                  # JSON-able: everything besides the model that the fits depend on
+    fingerprint: str
+    key: str
+
+
+def plan(model, latent_shape, request: Request) -> Plan:
+    """Check the request against the model; raises ValueError naming the input that is wrong."""
+    ms = model.get_model_object("model_sampling")
+    schedule = NoiseSchedule.from_model_sampling(ms)
+    if request.steps < 1:
+        raise ValueError("steps must be at least 1")
+    if request.sigmas is not None:
+        student = torch.tensor(request.sigmas, dtype=torch.float64)
+        check_schedule(student, "sigmas")
+        if float(student[0]) > schedule.sigma_max * (1 + 1e-4):
+            raise ValueError(f"sigmas: starts at {float(student[0]):.4g}, above the model's sigma_max "
+                             f"{schedule.sigma_max:.4g}")
+        if len(student) - 1 != request.steps:
+            raise ValueError(f"sigmas: {len(student) - 1} steps given, but steps is {request.steps}; make them agree")
+    else:
+        if request.scheduler not in comfy.samplers.SCHEDULER_NAMES:
+            raise ValueError(f"scheduler {request.scheduler!r}: expected one of "
+                             f"{', '.join(comfy.samplers.SCHEDULER_NAMES)}")
+        student = ksampler_sigmas(ms, request.scheduler, request.steps).double()
+        if len(student) - 1 != request.steps:
+            raise ValueError(f"scheduler {request.scheduler} gives {len(student) - 1} steps for steps "
+                             f"{request.steps}: choose another steps or scheduler, or connect sigmas")
+    if request.needs_teacher and request.steps > request.teacher_steps // 2:
+        raise ValueError(f"steps {request.steps} is too many for a {request.teacher_steps}-step teacher: use at most "
+                         f"{request.teacher_steps // 2} steps, or raise teacher_steps to {2 * request.steps} or more")
+    settings = {"teacher": {"steps": int(request.teacher_steps), "solver": TEACHER_SOLVER},
+                "seed": int(request.seed), "batch": int(request.calibration_batch), "methods": list(request.methods),
+                "given_sigmas": None if request.sigmas is None else [round(v, 6) for v in request.sigmas]}
+    for name in request.methods:
+        METHODS[name].check(request, student, schedule)
+        settings.update(METHODS[name].settings(request))
+    fingerprint = model_fingerprint(model)
+    key = calibration_key(schedule.family, fingerprint, request.steps, request.cfg, latent_shape, settings)
+    return Plan(request, schedule, student, settings, fingerprint, key)

@@ -1,0 +1,96 @@
+"""A calibration run: one request executed on the user's model, inside ComfyUI's own sampling.
+
+Every run of the model goes through `comfy.sample.sample_custom`, so conditioning, CFG, patches,
+model management, the progress bar, previews and Cancel behave as in normal sampling. Everything a
+run records, fits and compares is in the model's own space (where ComfyUI hands a sampler its x): the
+teacher's states are recorded inside the sampler function, and `sample` returns what the sampler
+function returns, never the LATENT that ComfyUI makes of it.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
+from .request import Plan
+
+
+@dataclass
+class CalibrationRun:
+    model: object                   # ModelPatcher
+    plan: Plan
+    positive: list
+    negative: list
+    latent: torch.Tensor            # one sample's latent, [1, C, H, W]
+    teacher_seconds: float = 0.0
+    memo: dict = field(default_factory=dict, repr=False)    # what methods compute once per run and share
+    _trajectory: Trajectory | None = field(default=None, repr=False)
+
+    @property
+    def request(self):
+        return self.plan.request
+
+    @property
+    def schedule(self):
+        return self.plan.schedule
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The student sigmas (given, or the scheduler's for KSampler's steps), float64."""
+        return self.plan.sigmas
+
+    def sample(self, function, sigmas, **options):
+        """Final x of `function` run as a KSAMPLER inside ComfyUI's sampling call, on the calibration
+        noises (the same noises for every method and the teacher), in the model's own space: the x that
+        `function` returns, where the teacher's states are recorded too, not the LATENT that ComfyUI
+        makes of it (`process_latent_out`). `sigmas` are copied: some ComfyUI samplers write into them."""
+        latent = self.latent[:1].repeat(self.request.calibration_batch, *[1] * (self.latent.ndim - 1))
+        noise = comfy.sample.prepare_noise(latent, self.request.seed)
+        final = []
+
+        def recorded(*args, **kwargs):
+            final.append(function(*args, **kwargs))
+            return final[-1]
+
+        sampler = comfy.samplers.KSAMPLER(recorded, extra_options=options)
+        callback = latent_preview.prepare_callback(self.model, len(sigmas) - 1)
+        comfy.sample.sample_custom(self.model, noise, self.request.cfg, sampler, sigmas.clone(), self.positive,
+                                   self.negative, latent, callback=callback, seed=self.request.seed,
+                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        return final[-1]
+
+    @property
+    def has_teacher(self) -> bool:
+        return self._trajectory is not None
+
+    @property
+    def trajectory(self) -> Trajectory:
+        """The teacher run (uniform in lambda, or through the given student sigmas), made once."""
+        if self._trajectory is None:
+            given = self.sigmas if self.request.sigmas is not None else None
+            grid = teacher_sigmas(self.schedule, self.request.teacher_steps, through=given)
+            trajectory = Trajectory.for_budget(grid, self.request.calibration_batch * self.latent[0].numel())
+            start = time.perf_counter()
+            self.sample(sample_teacher, grid, schedule=self.schedule, trajectory=trajectory)
+            self.teacher_seconds = time.perf_counter() - start
+            for i, d in enumerate(trajectory.denoised):
+                if not torch.isfinite(d).all():
+                    raise ValueError(f"the model returned NaN or inf during calibration (teacher step {i}, sigma "
+                                     f"{float(grid[i]):.4g}): nothing was stored; check the model and its patches")
+            self._trajectory = trajectory
+        return self._trajectory
+
+    def teacher_states(self, sigmas) -> list:
+        """The teacher's state at each of `sigmas` (a fit's targets)."""
+        return [self.trajectory.state_at(self.schedule, float(s)) for s in sigmas]
+
+    def nearest_teacher_steps(self, sigmas) -> list:
+        """The index of the teacher sigma nearest to each of `sigmas`."""
+        grid = self.trajectory.sigmas.double()
+        return [int(torch.argmin((grid - float(s)).abs())) for s in sigmas]
+
