@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibration import check_schedule
 from .coordinates import NoiseSchedule
 
 
@@ -37,8 +38,7 @@ def teacher_sigmas(schedule: NoiseSchedule, steps: int, through=None) -> torch.T
         sigmas[0] = schedule.sigma_max
         return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
     through = torch.as_tensor(through, dtype=torch.float64)
-    if through.ndim != 1 or len(through) < 2 or through[-1] != 0 or torch.any(through[1:] >= through[:-1]):
-        raise ValueError("student sigmas must be a strictly decreasing schedule ending in 0")
+    check_schedule(through, "student sigmas")
     last = float(through[-2])
     ends = through[:-1].clone()
     if last > schedule.sigma_min * (1 + 1e-4):        # the last student step to 0 is refined down to sigma_min
