@@ -98,7 +98,7 @@ def test_teacher_grid_through_student_sigmas(family):
     assert torch.all(sigmas[1:] < sigmas[:-1]) and sigmas[-1] == 0 and 90 <= len(sigmas) - 1 <= 105
     for s in student:
         assert torch.isclose(sigmas, s.float(), rtol=1e-6, atol=0).any(), float(s)
-    with pytest.raises(ValueError, match="decreasing"):
+    with pytest.raises(ValueError, match="decreases strictly"):
         teacher_sigmas(schedule, 100, through=student.flip(0))
 
 
