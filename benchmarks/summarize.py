@@ -5,6 +5,8 @@
 Table 1: each calibrated method's held-out RMSE against the teacher, as a ratio to its plain solver on
 the same sigmas (IIA-DDIM to ddim, IIA/BIIA-Heun to heun, TimeTuner(X) to X), per scheduler.
 Table 2: the best of each method (over schedulers) and the best built-in, per model and NFE.
+Table 3 (the README's headline): each method at its best scheduler (TimeTuner: and base sampler) as a
+ratio to the best built-in, per model and NFE.
 """
 import json
 import sys
@@ -57,5 +59,28 @@ def tables(records):
     return "\n".join(out)
 
 
+def family(record):
+    """The method a record belongs to in the headline: timetuner(X) -> timetuner, iia_ddim_teacher -> iia_ddim."""
+    name = label(record)
+    return "timetuner" if name.startswith("timetuner(") else name.removesuffix("_teacher")
+
+
+def headline(records, methods=("olss", "olss_p", "iia_ddim", "iia_heun", "timetuner", "trust_region")):
+    best = defaultdict(dict)
+    for r in records:
+        name = "built-in" if r["method"] == "builtin" else family(r)
+        key = (r["model"], r["nfe"])
+        if name not in best[key] or r["rmse"] < best[key][name]["rmse"]:
+            best[key][name] = r
+    out = ["Each method at its best scheduler against the best built-in, `(x)`: ratio of held-out RMSE", "",
+           "| model | NFE | best built-in | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for (model, n), found in sorted(best.items()):
+        b = found["built-in"]
+        cells = [f"{found[m]['rmse']:.4f} ({found[m]['rmse'] / b['rmse']:.2f}x)" if m in found else "" for m in methods]
+        out.append(f"| {model} | {n} | {b['rmse']:.4f} {b['sampler']}/{b['scheduler']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(tables(json.load(open(sys.argv[1]))["records"]))
+    records = json.load(open(sys.argv[1]))["records"]
+    print(tables(records) + "\n\n" + headline(records))
