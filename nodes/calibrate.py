@@ -87,6 +87,23 @@ def checked_sampler(calibration, method, **inputs):
                                      latent_shape=tuple(x.shape[1:]), cfg=float(inner.cfg))
         check_same_sigmas(sigmas, fitted, f"this {method} calibration")
         function, options = METHODS[method].sampler(tensors, calibration.settings, schedule, **inputs)
-        return function(model, x, sigmas, extra_args, callback, disable, **options)
+        return keep_masked(model, function(model, x, sigmas, extra_args, callback, disable, **options), sigmas,
+                           extra_args)
 
     return comfy.samplers.KSAMPLER(sample)
+
+
+def keep_masked(model, x, sigmas, extra_args):
+    """x with the region an inpainting noise mask keeps set back to the input latent, as ComfyUI's own samplers
+    end: their last step returns the model's denoised output, which ComfyUI's inpainting wrapper
+    (KSamplerX0Inpaint) has blended with the input latent by the mask (transformed, where a node installed a
+    denoise_mask_function, as at the last model call's sigma). A calibrated method's final x is a fitted
+    combination instead, so the blend is made here, once, for every method."""
+    mask = (extra_args or {}).get("denoise_mask")
+    if mask is None or float(sigmas[-1]) != 0:
+        return x
+    function = extra_args.get("model_options", {}).get("denoise_mask_function")
+    if function is not None:
+        sigma = sigmas[-2] * x.new_ones([x.shape[0]])
+        mask = function(sigma, mask, extra_options={"model": model.inner_model, "sigmas": sigmas})
+    return x * mask + model.latent_image * (1 - mask)
