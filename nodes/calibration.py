@@ -113,6 +113,11 @@ class LoadCalibration(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, calibration_name):
+        """The file's identity (size, modification time, inode): a replaced or deleted file loads anew."""
+        return store.file_identity(calibration_name)
+
+    @classmethod
     def execute(cls, calibration_name) -> io.NodeOutput:
         return io.NodeOutput(store.load(calibration_name))
 

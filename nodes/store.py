@@ -38,6 +38,16 @@ def names():
     return folder_paths.get_filename_list(FOLDER)
 
 
+def file_identity(name):
+    """(size, modification time, inode) of a stored calibration's file, or ("missing", name)."""
+    path = folder_paths.get_full_path(FOLDER, name) if isinstance(name, str) else None
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError):
+        return ("missing", str(name))
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
 def load(name):
     if not isinstance(name, str):
         raise ValueError(f"calibration_name must be a file name, not {type(name).__name__}")

@@ -184,3 +184,42 @@ def test_a_damaged_stored_calibration_is_listed_but_refused_with_a_message(comfy
     assert result["status"]["status_str"] == "error"
     assert "calibration damaged.safetensors is damaged or not a safetensors file" in str(result["status"]["messages"])
     (folder / "damaged.safetensors").unlink()
+
+
+def _stored_record(cfg):
+    import torch
+    from calibrated_samplers.optimizers.calibration import Calibration
+    sigmas = torch.tensor([14.6, 2.0, 0.5, 0.0])
+    return Calibration(family="eps", fingerprint="f", cfg=cfg, latent_shape=(4, 8, 8), steps=3, settings={},
+                       fits={"olss": {"sigmas": sigmas, "path": torch.tensor([0, 1, 2]), "weights_x": torch.zeros(3),
+                                      "weights_d": torch.zeros(3, 3), "errors": torch.zeros(3)}},
+                       evaluations={"olss": 3})
+
+
+def _cached_nodes(result):
+    return {node for kind, data in result["status"]["messages"] if kind == "execution_cached" for node in data["nodes"]}
+
+
+def test_load_calibration_follows_its_file(comfy_server):
+    """Load Calibration is cached while its file stays; a replaced file (a re-calibration, a copy) loads anew, and
+    a deleted one is refused by name."""
+    import os
+    from calibrated_samplers import calibration_cache as store
+    folder = comfy_server.base / "models" / "calibrations"
+    folder.mkdir(parents=True, exist_ok=True)
+    store.save(_stored_record(3.0), folder, "follow")
+    prompt = {"1": {"class_type": "LoadCalibration", "inputs": {"calibration_name": "follow.safetensors"}},
+              "2": {"class_type": "CalibrationReport", "inputs": {"calibration": ["1", 0]}},
+              "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "follow"}}}
+    first = comfy_server.run_prompt(prompt)
+    assert first["status"]["status_str"] == "success", (first, comfy_server.output())
+    again = comfy_server.run_prompt(prompt)
+    assert "1" in _cached_nodes(again)
+    time.sleep(0.01)
+    replacement = store.save(_stored_record(5.0), folder, "replacement")
+    os.replace(replacement, folder / "follow.safetensors")
+    replaced = comfy_server.run_prompt(prompt)
+    assert replaced["status"]["status_str"] == "success" and "1" not in _cached_nodes(replaced)
+    os.unlink(folder / "follow.safetensors")
+    gone = comfy_server.run_prompt(prompt)
+    assert "follow.safetensors" in str(gone)
