@@ -3,6 +3,7 @@ from functools import lru_cache
 
 import torch
 
+import comfy.model_management
 import comfy.samplers
 from comfy_api.latest import io
 
@@ -18,7 +19,8 @@ INITS = ["uniform_t", "uniform_lambda", "karras"]
 @lru_cache(maxsize=256)
 def _optimized(schedule: NoiseSchedule, steps, solver, init_sigmas, error_exponent, trunc_num, final_sigma_zero):
     init = init_sigmas if isinstance(init_sigmas, str) else list(init_sigmas)
-    return tuple(time_step_sigmas(schedule, steps, solver, init, error_exponent, trunc_num, final_sigma_zero))
+    return tuple(time_step_sigmas(schedule, steps, solver, init, error_exponent, trunc_num, final_sigma_zero,
+                                  check=comfy.model_management.throw_exception_if_processing_interrupted))
 
 
 def trust_region_sigmas(model_sampling, steps, solver, init, error_exponent, denoise=1.0,

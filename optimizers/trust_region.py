@@ -403,7 +403,7 @@ _MAXITER = {True: 50, False: 500}
 def optimize_lambdas(schedule: NoiseSchedule, steps: int, solver="uni_pc",
                      init: InitSpec = "uniform_lambda", error_exponent: float = 2,
                      trunc_num: int | None = None, final_sigma_zero: bool = True,
-                     warm_start: bool = True) -> np.ndarray:
+                     warm_start: bool = True, check=None) -> np.ndarray:
     """Optimized half-log-SNR grid (Algorithm 1): steps + 1 increasing lambdas from
     schedule.lambda_min to schedule.lambda_max (lambda_min is -inf for a flow model that starts at
     sigma = 1; its objective is evaluated from the floor of `initial_lambdas`).
@@ -429,7 +429,8 @@ def optimize_lambdas(schedule: NoiseSchedule, steps: int, solver="uni_pc",
     `initial_lambdas`. `error_exponent`: p in eps~ = sigma^p / alpha (the paper's Algorithm 1; the
     released code uses 2). `trunc_num`: None for the rule 3 if steps <= 7 else 0; the released code
     always uses 3. `final_sigma_zero`: whether the schedule will end at sigma 0 (dpmpp_2m then
-    lowers its last step to first order).
+    lowers its last step to first order). `check()`, if given, is called at every iteration of both stages
+    and may raise to stop the solve (the node passes ComfyUI's Cancel check).
     """
     steps = int(steps)
     orders = _orders_for(solver, steps, final_sigma_zero)
@@ -449,9 +450,9 @@ def optimize_lambdas(schedule: NoiseSchedule, steps: int, solver="uni_pc",
         stages = ("bfgs", "trust-constr") if warm_start else ("trust-constr",)
         for stage in stages:
             if stage == "bfgs":
-                lam = _softmax_bfgs(schedule, struct, p, lam, margin, delta, f0)
+                lam = _softmax_bfgs(schedule, struct, p, lam, margin, delta, f0, check)
             else:
-                lam = _trust_constr(schedule, struct, p, _feasible(lam, margin), margin, delta, f0,
+                lam = _trust_constr(schedule, struct, p, _feasible(lam, margin), margin, delta, f0, check,
                                     _MAXITER[bool(warm_start)])
             f = _evaluate(lam, schedule, struct, p, 0.0, False)[0]
             if np.isfinite(f) and f < fbest:
@@ -462,7 +463,12 @@ def optimize_lambdas(schedule: NoiseSchedule, steps: int, solver="uni_pc",
     return lam0
 
 
-def _trust_constr(schedule, struct, p, lam0, margin, delta, scale, maxiter):
+def _callback(check):
+    """A scipy minimize callback (any signature) that runs `check()`, or None."""
+    return None if check is None else (lambda *args, **kwargs: check())
+
+
+def _trust_constr(schedule, struct, p, lam0, margin, delta, scale, check, maxiter):
     """trust-constr on the smoothed surrogate (divided by `scale`) from lam0, under the linear
     constraints lambda_{i+1} - lambda_i >= margin (endpoints fixed)."""
     lo, hi = lam0[0], lam0[-1]
@@ -485,14 +491,14 @@ def _trust_constr(schedule, struct, p, lam0, margin, delta, scale, maxiter):
         warnings.simplefilter("ignore")            # BFGS "delta_grad == 0" notes near the optimum
         res = minimize(fun, lam0[1:-1], jac=True, method="trust-constr",
                        constraints=[LinearConstraint(a, lb, np.inf)],
-                       options=dict(_TRUST_CONSTR, maxiter=maxiter))
+                       options=dict(_TRUST_CONSTR, maxiter=maxiter), callback=_callback(check))
     lam = np.concatenate(([lo], res.x, [hi]))
     if np.all(np.isfinite(lam)) and np.all(np.diff(lam) > 0):
         return lam
     return lam0
 
 
-def _softmax_bfgs(schedule, struct, p, lam0, margin, delta, scale):
+def _softmax_bfgs(schedule, struct, p, lam0, margin, delta, scale, check):
     """BFGS on the smoothed surrogate in the step-length parametrization
     h = margin + room * softmax(z), room = span - N * margin: unconstrained and monotone."""
     lo, hi = lam0[0], lam0[-1]
@@ -515,7 +521,7 @@ def _softmax_bfgs(schedule, struct, p, lam0, margin, delta, scale):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = minimize(fun, z0, jac=True, method="BFGS", options=dict(_WARM_START))
+        res = minimize(fun, z0, jac=True, method="BFGS", options=dict(_WARM_START), callback=_callback(check))
     lam = grid(res.x)[0]
     return lam if np.all(np.isfinite(lam)) else lam0
 
@@ -523,12 +529,12 @@ def _softmax_bfgs(schedule, struct, p, lam0, margin, delta, scale):
 def time_step_sigmas(schedule: NoiseSchedule, steps: int, solver="uni_pc",
                      init: InitSpec = "uniform_lambda", error_exponent: float = 2,
                      trunc_num: int | None = None, final_sigma_zero: bool = True,
-                     warm_start: bool = True) -> np.ndarray:
+                     warm_start: bool = True, check=None) -> np.ndarray:
     """Optimized ComfyUI sigmas (steps + 1, strictly decreasing) from sigma_max: the last one is 0
     (the Align-Your-Steps convention) or, with final_sigma_zero=False, sigma_min. The arguments are
     those of `optimize_lambdas`."""
     lam = optimize_lambdas(schedule, steps, solver, init, error_exponent, trunc_num,
-                           final_sigma_zero, warm_start)
+                           final_sigma_zero, warm_start, check)
     sig = np.asarray(schedule.sigma_of_lambda(lam), dtype=np.float64)
     sig[0] = schedule.sigma_max
     sig[-1] = 0.0 if final_sigma_zero else schedule.sigma_min

@@ -71,3 +71,20 @@ def test_feeds_sampler_custom(model):
     out = SamplerCustom.execute(model, True, 3, 2.0, gmm.conditioning([1]), gmm.null_conditioning(),
                                 sampler, sigmas, latent).result[0]["samples"]
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_cancel_stops_the_solve_promptly():
+    """Cancel (ComfyUI's interrupt flag) ends the trust-region solve at its next iteration."""
+    import time
+    import comfy.model_management as mm
+    model = gmm.build_model("flow")
+    _optimized.cache_clear()
+    mm.interrupt_current_processing(True)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(mm.InterruptProcessingException):
+            _sigmas(model, 90, "uni_pc", "karras")
+        assert time.perf_counter() - start < 0.5
+    finally:
+        mm.interrupt_current_processing(False)
+    assert torch.isfinite(_sigmas(model, 90, "uni_pc", "karras")).all()      # nothing half-done was cached
