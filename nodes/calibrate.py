@@ -2,6 +2,7 @@
 one (every method from one CalibrationRun, the teacher shared), and `checked_sampler` makes a calibrated
 method into a KSAMPLER that refuses a model, guidance, latent or sigmas it was not fitted for."""
 import logging
+import math
 
 
 import comfy.model_management
@@ -84,13 +85,31 @@ def checked_sampler(calibration, method, **inputs):
         patcher = inner.model_patcher
         schedule = NoiseSchedule.from_model_sampling(patcher.get_model_object("model_sampling"))
         calibration.check_compatible(family=schedule.family, fingerprint=model_fingerprint(patcher),
-                                     latent_shape=tuple(x.shape[1:]), cfg=float(inner.cfg))
+                                     latent_shape=tuple(x.shape[1:]), cfg=guidance_scale(inner))
         check_same_sigmas(sigmas, fitted, f"this {method} calibration")
         function, options = METHODS[method].sampler(tensors, calibration.settings, schedule, **inputs)
         return keep_masked(model, function(model, x, sigmas, extra_args, callback, disable, **options), sigmas,
                            extra_args)
 
     return comfy.samplers.KSAMPLER(sample)
+
+
+# Guiders whose guidance is their one `cfg` (SamplerCustom's and KSampler's CFGGuider, BasicGuider's: cfg 1)
+READABLE_GUIDERS = ("CFGGuider", "Guider_Basic")
+
+
+def guidance_scale(guider) -> float:
+    """The guidance scale a guider samples with; ValueError for a guider whose guidance is not its one cfg
+    (DualCFGGuider's two scales, PerpNeg's negative scale, other packs' guiders): the calibration's cfg check
+    cannot read it."""
+    if type(guider).__name__ not in READABLE_GUIDERS:
+        raise ValueError(f"calibrated samplers check the guidance they were fitted for, and the guider "
+                         f"{type(guider).__name__} does not guide with one cfg: use SamplerCustom (or CFGGuider / "
+                         "BasicGuider) with this calibration")
+    cfg = float(guider.cfg)
+    if not math.isfinite(cfg):
+        raise ValueError(f"cfg {cfg}: expected a finite number")
+    return cfg
 
 
 def keep_masked(model, x, sigmas, extra_args):

@@ -12,7 +12,7 @@ from .builtins import DETERMINISTIC_SAMPLERS
 from .calibrate import calibrate, checked_sampler, method_sigmas
 from .calibration import follows_tooltip, latent_samples, method_tooltip
 from .methods import METHODS
-from .request import Request
+from .request import Request, check_number
 
 
 class CalibratedKSampler(io.ComfyNode):
@@ -57,6 +57,9 @@ class CalibratedKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 method, teacher_steps, calibration_batch, calibration=None) -> io.NodeOutput:
+        check_number("denoise", denoise, 0, 1)
+        check_number("cfg", cfg, 0)
+        check_number("steps", steps, 1, integer=True)
         if denoise < 1:
             raise ValueError(f"denoise {denoise}: calibrated samplers are fitted for sampling from pure noise "
                              "(denoise 1.0); use KSampler for img2img")

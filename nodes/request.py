@@ -5,6 +5,7 @@
 settings the fits depend on (`settings`, stored with the calibration) and the key under which the result
 is stored and found again.
 """
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -63,12 +64,26 @@ class Plan:
     key: str
 
 
+def check_number(name, value, low=None, high=None, integer=False):
+    """Raise ValueError naming the input unless `value` is a finite number (an integer) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{name} {value!r}: expected a finite {'whole ' if integer else ''}number")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if low is not None and high is not None else \
+            f"at least {low}" if low is not None else f"at most {high}"
+        raise ValueError(f"{name} {value!r}: expected {bounds}")
+
+
 def plan(model, latent_shape, request: Request) -> Plan:
     """Check the request against the model; raises ValueError naming the input that is wrong."""
+    check_number("cfg", request.cfg, 0)
+    check_number("steps", request.steps, 1, integer=True)
+    check_number("teacher_steps", request.teacher_steps, 2, integer=True)
+    check_number("calibration_batch", request.calibration_batch, 1, integer=True)
+    check_number("seed", request.seed, 0, integer=True)
     ms = model.get_model_object("model_sampling")
     schedule = NoiseSchedule.from_model_sampling(ms)
-    if request.steps < 1:
-        raise ValueError("steps must be at least 1")
     if request.sigmas is not None:
         student = torch.tensor(request.sigmas, dtype=torch.float64)
         check_schedule(student, "sigmas")

@@ -22,12 +22,30 @@ def write_folder() -> str:
 
 
 def find(key):
-    """The stored calibration with this key in any calibrations folder, or None."""
+    """The stored calibration with this key in any calibrations folder, or None (one that fails `checked` is
+    skipped: calibrating again replaces it)."""
     for path in folder_paths.get_folder_paths(FOLDER):
         found = store.find(path, key)
         if found is not None:
-            return found
+            try:
+                return checked(found, key)
+            except ValueError:
+                continue
     return None
+
+
+def checked(calibration, name):
+    """The calibration, if every method it holds is known and its tensors are the method's, shaped for its steps;
+    else ValueError naming the file and what is wrong."""
+    from .methods import METHODS
+    for method, tensors in calibration.fits.items():
+        if method not in METHODS:
+            raise ValueError(f"calibration {name} was refused: it holds an unknown method {method!r}")
+        try:
+            METHODS[method].check_tensors(tensors, calibration.steps)
+        except ValueError as e:
+            raise ValueError(f"calibration {name} was refused: {e}") from None
+    return calibration
 
 
 def save(calibration, label):
@@ -54,4 +72,4 @@ def load(name):
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
         raise ValueError(f"calibration {name!r} not found in models/{FOLDER}")
-    return store.load(path)
+    return checked(store.load(path), name)

@@ -25,9 +25,9 @@ def model(request):
     return gmm.build_model(request.param)
 
 
-def calibrate(model, steps=4, teacher_steps=60, batch=4, method="all", **options):
+def calibrate(model, steps=4, teacher_steps=60, batch=4, method="all", cfg=CFG, **options):
     return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(),
-                                    {"samples": torch.zeros(1, 4, 8, 8)}, 0, CFG, steps, teacher_steps, batch,
+                                    {"samples": torch.zeros(1, 4, 8, 8)}, 0, cfg, steps, teacher_steps, batch,
                                     method, **options).result[0]
 
 
@@ -71,13 +71,20 @@ def test_non_finite_model_output_stores_nothing(model, folder, value, method):
     ({"iia_substeps": 1, "method": "iia_ddim"}, "iia_substeps 1"),
     ({"iia_target": "fine", "method": "iia_ddim"}, "iia_target 'fine'"),
     ({"iia_target": "teacher", "method": "iia_heun", "steps": 11, "teacher_steps": 20}, "too many for a 20-step"),
-    ({"steps": 0}, "steps must be at least 1"),
+    ({"steps": 0}, "steps 0: expected at least 1"),
     ({"scheduler": "ddim_uniform", "steps": 7}, "scheduler ddim_uniform gives 8 steps for steps 7"),
+    ({"cfg": float("nan")}, "cfg nan: expected a finite number"),
+    ({"cfg": float("inf")}, "cfg inf: expected a finite number"),
+    ({"teacher_steps": 1}, "teacher_steps 1: expected at least 2"),
+    ({"batch": 0}, "calibration_batch 0: expected at least 1"),
 ])
 def test_bad_settings_are_refused_by_name(model, folder, options, message):
+    calls = []
+    counted = model.clone()
+    counted.set_model_sampler_post_cfg_function(lambda args: calls.append(1) or args["denoised"])
     with pytest.raises(ValueError, match=message):
-        calibrate(model, **options)
-    assert list(folder.iterdir()) == []
+        calibrate(counted, **options)
+    assert list(folder.iterdir()) == [] and calls == [], "refused before the first model call"
 
 
 def test_settings_a_fit_depends_on_get_their_own_stored_calibration(model, folder):
@@ -169,3 +176,54 @@ def test_a_calibration_of_a_lora_patched_model_samples():
         assert torch.isfinite(out["samples"]).all()
     finally:
         comfy.model_management.unload_all_models()
+
+
+def test_bad_numbers_and_guiders_are_refused_before_sampling(model):
+    """With a calibration given, KSampler (Calibrated) and the sampler nodes check denoise, cfg and the guider
+    before the first model call; a guider with two scales (DualCFGGuider) cannot be checked and is refused."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import DualCFGGuider, SamplerCustomAdvanced, RandomNoise
+    calibration = calibrate(model, method="olss")
+    calls = []
+    counted = model.clone()
+    counted.set_model_sampler_post_cfg_function(lambda args: calls.append(1) or args["denoised"])
+    for options, message in [({"denoise": float("nan")}, "denoise nan"), ({"cfg": float("nan")}, "cfg nan")]:
+        with pytest.raises(ValueError, match=message):
+            CalibratedKSampler.execute(**{"model": counted, "seed": 1, "steps": 4, "cfg": CFG, "sampler_name": "euler",
+                                          "scheduler": "karras", "positive": gmm.conditioning([3]),
+                                          "negative": gmm.null_conditioning(),
+                                          "latent_image": {"samples": torch.zeros(1, 4, 8, 8)}, "denoise": 1.0,
+                                          "method": "olss", "teacher_steps": 60, "calibration_batch": 4,
+                                          "calibration": calibration, **options})
+    guider = DualCFGGuider.execute(counted, gmm.conditioning([3]), gmm.conditioning([4]), gmm.null_conditioning(),
+                                   CFG, CFG, "regular").result[0]
+    with pytest.raises(ValueError, match="Guider_DualCFG"):
+        SamplerCustomAdvanced.execute(RandomNoise.execute(3).result[0], guider, sampler_of(calibration, "olss"),
+                                      CalibrationSigmas.execute(calibration, "olss").result[0],
+                                      {"samples": torch.zeros(1, 4, 8, 8)})
+    assert calls == []
+
+
+def test_stored_tensors_are_checked_against_their_method(model, folder):
+    """A file whose per-method tensors were edited (and re-checksummed, as a careful hand would) is refused by
+    name: NaN coefficients, a tensor of the wrong shape, a method this pack does not know."""
+    from calibrated_samplers import calibration_cache as store
+    from calibrated_samplers.nodes.calibration import LoadCalibration
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    calibrate(model, method="all")
+    path = next(folder.iterdir())
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edits = {"nan": ("olss.weights_d", lambda t: t * float("nan"), "olss.weights_d holds NaN"),
+             "shape": ("iia_heun.coefficients", lambda t: t[:, :2], r"iia_heun.coefficients has shape \(4, 2\)"),
+             "ratios": ("timetuner.ratios", lambda t: t[:3], r"timetuner.ratios has shape \(3,\)")}
+    for label, (key, edit, message) in edits.items():
+        edited = dict(tensors, **{key: edit(tensors[key]).contiguous()})
+        meta = dict(metadata)
+        meta[store.CHECKSUM_KEY] = store.checksum(edited, meta)
+        save_file(edited, str(folder / f"edited_{label}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=message):
+            LoadCalibration.execute(f"edited_{label}.safetensors")
+    with pytest.raises(ValueError, match="calibration_name must be a file name, not int"):
+        LoadCalibration.execute(7)

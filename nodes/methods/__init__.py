@@ -51,6 +51,22 @@ class Method:
                 raise CalibrationMismatch(f"this calibration was fitted with {name} {fitted}, not {given[name]}: "
                                           f"set {name} to {fitted} or calibrate again")
 
+    def shapes(self, steps, tensors) -> dict:
+        """{name: shape} that a stored fit of `steps` steps must have (besides its sigmas, which the record checks);
+        `tensors` (the stored ones) where a shape depends on a stored setting."""
+        return {}
+
+    def check_tensors(self, tensors, steps):
+        """Raise ValueError naming the tensor unless a stored fit has exactly this method's tensors, shaped for
+        `steps` steps (the record itself checks that they are finite and that the sigmas are a schedule)."""
+        expected = {"sigmas": (steps + 1,), **self.shapes(steps, tensors)}
+        if set(tensors) != set(expected):
+            raise ValueError(f"{self.name} holds {sorted(tensors)}, expected {sorted(expected)}")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != tuple(shape):
+                raise ValueError(f"{self.name}.{key} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)} "
+                                 f"for {steps} steps")
+
     def plain_sampler(self, settings) -> str | None:
         """The built-in sampler this method corrects on the same sigmas, if any (the report and the benchmark
         compare the two)."""

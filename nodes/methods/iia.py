@@ -78,6 +78,9 @@ class IIA(Method):
                          "target": self.target(run.request), "evaluations": fit.evaluations,
                          "fit_seconds": time.perf_counter() - start}
 
+    def shapes(self, steps, tensors):
+        return {"coefficients": (steps, iia.coefficient_count(self.name, HISTORY))}
+
     def sampler(self, tensors, settings, schedule):
         coefficients = tensors["coefficients"]
         r = coefficients.shape[1] - iia.coefficient_count(self.name, 0)

@@ -99,6 +99,9 @@ class OLSS(Method):
         return tensors, {"step_error": solver.errors, "schedule": label, "resolved": resolved, "candidate_rmse": scores,
                          "evaluations": evaluations, "fit_seconds": time.perf_counter() - start + gram_seconds}
 
+    def shapes(self, steps, tensors):
+        return {"path": (steps,), "weights_x": (steps,), "weights_d": (steps, steps), "errors": (steps,)}
+
     def sampler(self, tensors, settings, schedule):
         coefficients = olss.OLSSCoefficients(tuple(int(i) for i in tensors["path"]), tensors["sigmas"],
                                              tensors["weights_x"], tensors["weights_d"], tensors["errors"])

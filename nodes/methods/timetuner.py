@@ -77,6 +77,9 @@ class TimeTuner(Method):
                          "evaluations_per_step": result["evaluations"] / steps,
                          "fit_seconds": time.perf_counter() - start}
 
+    def shapes(self, steps, tensors):
+        return {"ratios": (steps,)}
+
     def sampler(self, tensors, settings, schedule, sampler=None):
         base = sampler or comfy.samplers.sampler_object(settings["sampler_name"])
         if not hasattr(base, "sampler_function"):
