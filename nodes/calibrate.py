@@ -28,6 +28,8 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
         if found is not None:
             logging.info("Calibrated Samplers: reusing stored calibration %s", p.key)
             return found, None
+    label = f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}"
+    store.check_writable(label, p.key, store.size_bound(request.steps, request.methods))
     run = CalibrationRun(model=model, plan=p, positive=positive, negative=negative, latent=latent[:1])
     fits, diagnostics = {}, {}
     for name in request.methods:
@@ -40,7 +42,12 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
     calibration = Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
                               latent_shape=tuple(latent.shape[1:]), steps=request.steps, settings=p.settings,
                               fits=fits, evaluations=evaluations, diagnostics=diagnostics)
-    store.save(calibration, f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}")
+    try:
+        store.save(calibration, label)
+    except OSError as e:            # checked before the run, yet failed: the fitted calibration is still used
+        calibration.diagnostics["not_stored"] = f"{type(e).__name__}: {e}"
+        logging.warning("Calibrated Samplers: the calibration was fitted and is used by this workflow, but it was "
+                        "NOT stored in %s (%s): the next run will calibrate again", store.write_folder(), e)
     return calibration, run.trajectory.final if run.has_teacher else None
 
 

@@ -1,6 +1,9 @@
 """Where ComfyUI keeps calibrations: the `calibrations` model folder (models/calibrations, plus any
 extra_model_paths entry), read through `folder_paths`; the store itself is `calibration_cache`."""
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import folder_paths
 
@@ -48,8 +51,44 @@ def checked(calibration, name):
     return calibration
 
 
+def file_name(label, key):
+    return f"{label}-{key}"
+
+
 def save(calibration, label):
-    return store.save(calibration, write_folder(), f"{label}-{calibration.key()}")
+    return store.save(calibration, write_folder(), file_name(label, calibration.key()))
+
+
+def size_bound(steps, methods) -> int:
+    """An upper bound of a calibration file's size in bytes: float64 tensors of at most (steps + 1)^2 values per
+    method (OLSS's coefficients), plus the JSON metadata (per-step diagnostics)."""
+    return len(methods) * (4 * 8 * (steps + 1) ** 2 + 4096 * (steps + 1)) + (1 << 20)
+
+
+def check_writable(label, key, size):
+    """Before any model call: raise ValueError naming the place and the fix unless the calibration file
+    `label`-`key` can be written to the calibrations folder (a folder, writable, the file's place free of a
+    folder or a link, `size` bytes free)."""
+    folder = Path(write_folder())
+    fix = "or give the calibrations another folder in ComfyUI's extra_model_paths.yaml"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the calibrations folder {folder} is a file, not a folder: move it away, {fix}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"the calibrations folder {folder} cannot be written ({e.strerror or e}): make it "
+                         f"writable for the user running ComfyUI, {fix}") from None
+    path = folder / store.safe_name(file_name(label, key))
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        kind = "a link" if path.is_symlink() else "a folder"
+        raise ValueError(f"{path} is {kind}, where this calibration's file goes: remove it, {fix}")
+    free = shutil.disk_usage(folder).free
+    if free < size:
+        raise ValueError(f"the calibrations folder {folder} has {free / 2**20:.1f} MiB free, a calibration needs up to "
+                         f"{size / 2**20:.1f} MiB: free some space, {fix}")
 
 
 def names():

@@ -1,5 +1,8 @@
 """Bad inputs and limits, as a user meets them: a clear message naming the input (ComfyUI's error panel
 shows the exception) or a safe result, nothing half-written on disk; calibrations reproducible."""
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -227,3 +230,59 @@ def test_stored_tensors_are_checked_against_their_method(model, folder):
             LoadCalibration.execute(f"edited_{label}.safetensors")
     with pytest.raises(ValueError, match="calibration_name must be a file name, not int"):
         LoadCalibration.execute(7)
+
+
+def _counted(model):
+    calls = []
+    counted = model.clone()
+    counted.set_model_sampler_post_cfg_function(lambda args: calls.append(1) or args["denoised"])
+    return counted, calls
+
+
+@pytest.mark.parametrize("damage", ["folder is a file", "folder cannot be written", "a folder where the file goes",
+                                    "a link where the file goes", "disk full"])
+def test_an_unusable_calibrations_folder_is_refused_before_the_teacher(model, folder, monkeypatch, damage):
+    """The place a calibration will be written is checked before the first model call, and the message names it
+    and the fix: no minutes of GPU lost to a write that cannot succeed."""
+    import calibrated_samplers.nodes.store as node_store
+    counted, calls = _counted(model)
+    target = folder
+    if damage == "folder is a file":
+        target = folder / "calibrations"
+        target.write_text("not a folder")
+    elif damage == "folder cannot be written":
+        target = Path("/sys/kernel/calibrated_samplers_test")      # read-only even for root
+    elif damage == "disk full":
+        usage = shutil.disk_usage(folder)._replace(free=4096)
+        monkeypatch.setattr(node_store.shutil, "disk_usage", lambda path: usage)
+    else:
+        calibrate(counted, method="olss")                               # learn the file's name, then block it
+        calls.clear()
+        path = next(folder.iterdir())
+        path.unlink()
+        if damage == "a folder where the file goes":
+            path.mkdir()
+        else:
+            path.symlink_to(folder / "elsewhere.safetensors")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "calibrations", ([str(target)], {".safetensors"}))
+    message = {"folder is a file": "is a file, not a folder", "folder cannot be written": "cannot be written",
+               "a folder where the file goes": "is a folder, where this calibration's file goes",
+               "a link where the file goes": "is a link, where this calibration's file goes",
+               "disk full": "MiB free"}[damage]
+    with pytest.raises(ValueError, match=message) as refused:
+        calibrate(counted, method="olss", refit=True)
+    assert calls == [] and str(target) in str(refused.value) and "extra_model_paths.yaml" in str(refused.value)
+
+
+def test_a_write_that_fails_after_the_run_still_gives_the_calibration(model, folder, monkeypatch, caplog):
+    """Checked up front, the write can still fail (the disk filled meanwhile): the workflow goes on with the fitted
+    calibration, and the log and the calibration say it was not stored and why."""
+    import calibrated_samplers.nodes.store as node_store
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node_store.store, "save", full)
+    calibration = calibrate(model, method="olss")
+    assert "No space left" in calibration.diagnostics["not_stored"] and list(folder.iterdir()) == []
+    assert "NOT stored" in caplog.text and torch.isfinite(sample(model, calibration, "olss")).all()
