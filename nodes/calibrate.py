@@ -11,7 +11,7 @@ import comfy.samplers
 from ..optimizers.calibration import Calibration, check_same_sigmas
 from ..optimizers.coordinates import NoiseSchedule
 from ..optimizers.teacher import rmse
-from . import store
+from . import memory, store
 from .builtins import SHORTLIST, ksampler_sigmas, model_evaluations
 from .fingerprint import model_fingerprint
 from .methods import METHODS
@@ -30,6 +30,7 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
             return found, None
     label = f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}"
     store.check_writable(label, p.key, store.size_bound(request.steps, request.methods))
+    memory.check(model, request, tuple(latent.shape[1:]))
     run = CalibrationRun(model=model, plan=p, positive=positive, negative=negative, latent=latent[:1])
     fits, diagnostics = {}, {}
     for name in request.methods:

@@ -69,8 +69,17 @@ class Trajectory:
     @classmethod
     def for_budget(cls, sigmas, latent_numel: int, budget_bytes: int = 2 << 30) -> "Trajectory":
         """float32 storage when both recorded tensor lists fit in budget_bytes, else float16."""
-        full = 2 * (len(sigmas) - 1) * latent_numel * 4
-        return cls(sigmas, torch.float32 if full <= budget_bytes else torch.float16)
+        return cls(sigmas, cls.store_dtype_for(len(sigmas) - 1, latent_numel, budget_bytes))
+
+    @staticmethod
+    def store_dtype_for(steps: int, latent_numel: int, budget_bytes: int = 2 << 30) -> torch.dtype:
+        return torch.float32 if 2 * steps * latent_numel * 4 <= budget_bytes else torch.float16
+
+    @classmethod
+    def bytes_for(cls, steps: int, latent_numel: int) -> int:
+        """Host memory of a `steps`-step run over `latent_numel` values (the batch's): states, outputs, final x."""
+        size = torch.finfo(cls.store_dtype_for(steps, latent_numel)).bits // 8
+        return 2 * steps * latent_numel * size + 4 * latent_numel
 
     def record(self, x, denoised):
         self.states.append(x.detach().to("cpu", self.store_dtype))

@@ -286,3 +286,18 @@ def test_a_write_that_fails_after_the_run_still_gives_the_calibration(model, fol
     calibration = calibrate(model, method="olss")
     assert "No space left" in calibration.diagnostics["not_stored"] and list(folder.iterdir()) == []
     assert "NOT stored" in caplog.text and torch.isfinite(sample(model, calibration, "olss")).all()
+
+
+def test_a_calibration_too_big_for_memory_is_refused_up_front(model, folder):
+    """A 2048-pixel-class latent (4x256x256) at calibration batch 64 and 4000 teacher steps needs about 1 TB for the
+    teacher's trajectory: refused before the first model call, with the estimate, what is free and what to lower."""
+    counted, calls = _counted(model)
+    with pytest.raises(ValueError, match="GiB of host memory.*lower teacher_steps or calibration_batch"):
+        CalibrateSampler.execute(counted, gmm.conditioning([3]), gmm.null_conditioning(),
+                                 {"samples": torch.zeros(1, 4, 256, 256)}, 0, CFG, 5, 4000, 64, "olss")
+    assert calls == [] and list(folder.iterdir()) == []
+    from calibrated_samplers.nodes import memory
+    from calibrated_samplers.nodes.request import Request
+    small = memory.estimate(model, Request.from_inputs("all", seed=0, cfg=CFG, steps=5, teacher_steps=500,
+                                                       calibration_batch=8), (4, 64, 64))
+    assert 0.5 * 2 ** 30 < small["host"] < 1 * 2 ** 30        # SD1.5 at 512 pixels, the defaults: under 1 GiB
