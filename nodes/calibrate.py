@@ -5,6 +5,8 @@ import logging
 import math
 
 
+import torch
+
 import comfy.model_management
 import comfy.samplers
 
@@ -17,6 +19,7 @@ from .fingerprint import model_fingerprint
 from .methods import METHODS
 from .request import Request, plan
 from .run import CalibrationRun
+from .validation import choose, validate
 
 
 def calibrate(model, positive, negative, latent, request: Request, refit=False):
@@ -32,17 +35,7 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
     store.check_writable(label, p.key, store.size_bound(request.steps, request.methods))
     memory.check(model, request, tuple(latent.shape[1:]))
     run = CalibrationRun(model=model, plan=p, positive=positive, negative=negative, latent=latent[:1])
-    fits, diagnostics = {}, {}
-    for name in request.methods:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        fits[name], diagnostics[name] = METHODS[name].fit(run)
-    evaluations = {name: METHODS[name].evaluations(request.steps, p.settings) for name in fits}
-    if run.has_teacher:
-        diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
-        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations)
-    calibration = Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
-                              latent_shape=tuple(latent.shape[1:]), steps=request.steps, settings=p.settings,
-                              fits=fits, evaluations=evaluations, diagnostics=diagnostics)
+    calibration = fit(run, tuple(latent.shape[1:]))
     try:
         store.save(calibration, label)
     except OSError as e:            # checked before the run, yet failed: the fitted calibration is still used
@@ -50,6 +43,48 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
         logging.warning("Calibrated Samplers: the calibration was fitted and is used by this workflow, but it was "
                         "NOT stored in %s (%s): the next run will calibrate again", store.write_folder(), e)
     return calibration, run.trajectory.final if run.has_teacher else None
+
+
+def fit(run, latent_shape) -> Calibration:
+    """Every requested method fitted on the run, validated on the noises it was not fitted on (falling back to its
+    plain solver where that validates better), and compared with the built-in shortlist on the calibration batch
+    (`diagnostics["validated"]`: what `validation.choose` picks from)."""
+    request, p = run.request, run.plan
+    fits, diagnostics = {}, {}
+    for name in request.methods:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        fits[name], diagnostics[name] = METHODS[name].fit(run)
+    evaluations = {name: METHODS[name].evaluations(request.steps, p.settings) for name in fits}
+    if run.has_teacher:
+        validated = {}
+        for name in fits:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            fits[name], check = validate(name, run, fits[name])
+            diagnostics[name]["validation"] = check
+            if check is not None:
+                validated[name] = {"rmse": check["rmse" if check["kept"] == "fit" else "plain_rmse"],
+                                   "evaluations": evaluations[name], "method": name}
+        diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
+        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations)
+        builtins = {label: entry for label, entry in diagnostics["calibration_batch"].items() if "sampler" in entry}
+        diagnostics["validated"] = {**validated, **builtins}
+    return Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
+                       latent_shape=latent_shape, steps=request.steps, settings=p.settings, fits=fits,
+                       evaluations=evaluations, diagnostics=diagnostics)
+
+
+def chosen_sampler(calibration, steps):
+    """(KSAMPLER, sigmas, label) of what validated best within KSampler's `steps` model evaluations: a calibrated
+    method (checked as every calibrated sampler) or a built-in sampler on the sigmas it was validated on."""
+    candidates = calibration.diagnostics.get("validated")
+    if not candidates:
+        raise ValueError("this calibration holds no validated errors (it had no teacher run): calibrate with method "
+                         "'all' for method 'auto'")
+    label = choose(candidates, steps)
+    entry = candidates[label]
+    if "method" in entry:
+        return checked_sampler(calibration, entry["method"]), method_sigmas(calibration, entry["method"]), label
+    return comfy.samplers.sampler_object(entry["sampler"]), torch.tensor(entry["sigmas"], dtype=torch.float32), label
 
 
 def calibration_batch_errors(run, fits, evaluations):
@@ -69,8 +104,8 @@ def calibration_batch_errors(run, fits, evaluations):
         sigmas = run.sigmas if request.sigmas is not None else ksampler_sigmas(ms, request.scheduler, request.steps, name)
         sampler = comfy.samplers.sampler_object(name)
         x = run.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options)
-        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final),
-                                        "evaluations": model_evaluations(name, request.steps)}
+        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final), "evaluations": model_evaluations(name, request.steps),
+                                        "sampler": name, "sigmas": sigmas.double().tolist()}
     return errors
 
 

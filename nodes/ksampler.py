@@ -1,4 +1,6 @@
 """CalibratedKSampler: KSampler's inputs and output, sampling with a calibrated method."""
+import logging
+
 import torch
 
 import comfy.sample
@@ -8,11 +10,16 @@ import latent_preview
 from comfy_api.latest import io
 
 from . import CATEGORY, CalibrationType
+from ..optimizers.coordinates import NoiseSchedule
 from .builtins import DETERMINISTIC_SAMPLERS
-from .calibrate import calibrate, checked_sampler, method_sigmas
+from .calibrate import calibrate, checked_sampler, chosen_sampler, method_sigmas
 from .calibration import follows_tooltip, latent_samples, method_tooltip
+from .fingerprint import model_fingerprint
 from .methods import METHODS
 from .request import Request, check_number
+
+
+AUTO = "auto"
 
 
 class CalibratedKSampler(io.ComfyNode):
@@ -43,7 +50,10 @@ class CalibratedKSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="The empty latent to denoise (sets size and batch)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Calibrated methods sample from pure noise: only 1.0 is supported."),
-                io.Combo.Input("method", options=list(METHODS), default=next(iter(METHODS)), tooltip=method_tooltip()),
+                io.Combo.Input("method", options=[AUTO, *METHODS], default=AUTO,
+                               tooltip=method_tooltip("auto: whichever validated best on calibration noises it was "
+                                                      "not fitted on, a built-in sampler included, within these "
+                                                      "steps' model evaluations (calibrates every method). ")),
                 io.Int.Input("teacher_steps", default=500, min=20, max=4000,
                              tooltip="Teacher run length when calibrating (ignored when reusing)."),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
@@ -66,18 +76,24 @@ class CalibratedKSampler(io.ComfyNode):
         latent = latent_image.copy()
         samples = latent_samples(model, latent)
         if calibration is None:
-            request = Request.from_inputs(method, seed=0, cfg=cfg, steps=steps, teacher_steps=teacher_steps,
-                                          calibration_batch=calibration_batch, scheduler=scheduler,
-                                          sampler_name=sampler_name)
+            request = Request.from_inputs("all" if method == AUTO else method, seed=0, cfg=cfg, steps=steps,
+                                          teacher_steps=teacher_steps, calibration_batch=calibration_batch,
+                                          scheduler=scheduler, sampler_name=sampler_name)
             calibration, _ = calibrate(model, positive, negative, samples, request)
         else:
-            calibration.check_compatible(steps=steps, cfg=cfg, latent_shape=tuple(samples.shape[1:]))
+            family = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling")).family
+            calibration.check_compatible(family=family, fingerprint=model_fingerprint(model), steps=steps, cfg=cfg,
+                                         latent_shape=tuple(samples.shape[1:]))
             if method in METHODS:
                 METHODS[method].check_use(calibration.settings, sampler_name=sampler_name, scheduler=scheduler)
-        sigmas = method_sigmas(calibration, method)
+        if method == AUTO:
+            sampler, sigmas, label = chosen_sampler(calibration, steps)
+            logging.info("Calibrated Samplers: auto samples with %s (the lowest validated error)", label)
+        else:
+            sampler, sigmas = checked_sampler(calibration, method), method_sigmas(calibration, method)
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-        out = comfy.sample.sample_custom(model, noise, cfg, checked_sampler(calibration, method), sigmas, positive,
+        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive,
                                          negative, samples, noise_mask=latent.get("noise_mask"), callback=callback,
                                          disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         latent["samples"] = out.to(torch.float32)

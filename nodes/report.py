@@ -8,6 +8,7 @@ from comfy.k_diffusion.sampling import get_sigmas_karras
 from comfy_api.latest import io
 
 from . import CATEGORY, CalibrationType
+from .validation import choose
 
 WIDTH, PANEL, MARGIN = 960, 330, 70
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
@@ -77,7 +78,7 @@ class _Panel:
 
 def draw_report(calibration) -> Image.Image:
     diagnostics = calibration.diagnostics
-    errors = diagnostics.get("calibration_batch", {})
+    errors = diagnostics.get("validated") or diagnostics.get("calibration_batch", {})
     steps = calibration.steps
     height = 2 * PANEL + (PANEL if errors else 60) + 40
     image = Image.new("RGB", (WIDTH, height), "white")
@@ -102,8 +103,8 @@ def draw_report(calibration) -> Image.Image:
     panel = _Panel(draw, PANEL, "Per-step fit error on the calibration batch (dashed: plain solver)",
                    list(range(1, steps + 1)), ys or [1.0], xlabel="step")
     for slot, (m, c) in enumerate(curves.items()):
-        steps = range(1, len(c.get("step_error", [])) + 1)
-        panel.line(steps, c.get("step_error", []), colors[m], m, slot)
+        xs = range(1, len(c.get("step_error", [])) + 1)
+        panel.line(xs, c.get("step_error", []), colors[m], m, slot)
         if c.get("plain_step_error"):
             panel.line(range(1, len(c["plain_step_error"]) + 1), c["plain_step_error"], colors[m], "", slot,
                        dashed=True, marker=False)
@@ -114,8 +115,9 @@ def draw_report(calibration) -> Image.Image:
         draw.text((MARGIN, y + 10), "No teacher run in this calibration: no comparison with built-ins.",
                   fill="black", font=_font(14))
         return image
-    draw.text((MARGIN, y + 8), f"Final RMSE against the teacher on the calibration batch, {steps} steps "
-              "(lower is better)", fill="black", font=_font(18))
+    chosen = choose(errors, steps) if "validated" in diagnostics else None
+    draw.text((MARGIN, y + 8), f"Validated RMSE against the teacher, {steps} steps (methods: on noises they were not "
+              "fitted on; lower is better); > auto's choice", fill="black", font=_font(15))
     ranked = sorted(errors.items(), key=lambda kv: kv[1]["rmse"])
     best = max(v["rmse"] for _, v in ranked) or 1.0
     row = (PANEL - 60) / max(len(ranked), 1)
@@ -124,8 +126,10 @@ def draw_report(calibration) -> Image.Image:
         y0 = y + 40 + i * row
         length = (WIDTH - 2 * MARGIN - 310) * value / best
         draw.rectangle([MARGIN + 230, y0, MARGIN + 230 + length, y0 + row * 0.7], fill=colors.get(label, GREY))
-        draw.text((MARGIN, y0), f"{label} ({entry['evaluations']} evaluations)", fill="black",
-                  font=_font(12))
+        plain = (diagnostics.get(label, {}).get("validation") or {}).get("kept") == "plain"
+        mark = "> " if label == chosen else ""
+        draw.text((MARGIN - 14, y0), f"{mark}{label}{' (plain)' if plain else ''} ({entry['evaluations']} evaluations)",
+                  fill="black", font=_font(12))
         draw.text((MARGIN + 236 + length, y0), f"{value:.4f}", fill="black", font=_font(12))
     return image
 

@@ -29,7 +29,23 @@ class CalibrationRun:
     latent: torch.Tensor            # one sample's latent, [1, C, H, W]
     teacher_seconds: float = 0.0
     memo: dict = field(default_factory=dict, repr=False)    # what methods compute once per run and share
+    rows: tuple | None = None       # a part of the calibration batch (a validation fold), or None: all of it
     _trajectory: Trajectory | None = field(default=None, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return self.request.calibration_batch if self.rows is None else len(self.rows)
+
+    def subset(self, rows):
+        """This run restricted to some of its calibration noises (their conditioning and teacher states too), for
+        fitting on some and judging on the others."""
+        full = self.trajectory
+        rows = list(rows)
+        part = Trajectory(full.sigmas, full.store_dtype, [x[rows] for x in full.states],
+                          [d[rows] for d in full.denoised], full.final[rows])
+        return CalibrationRun(model=self.model, plan=self.plan, positive=_rows_of(self.positive, rows, self.batch),
+                              negative=_rows_of(self.negative, rows, self.batch), latent=self.latent,
+                              rows=tuple(rows), _trajectory=part)
 
     @property
     def request(self):
@@ -51,6 +67,8 @@ class CalibrationRun:
         makes of it (`process_latent_out`). `sigmas` are copied: some ComfyUI samplers write into them."""
         latent = self.latent[:1].repeat(self.request.calibration_batch, *[1] * (self.latent.ndim - 1))
         noise = comfy.sample.prepare_noise(latent, self.request.seed)
+        if self.rows is not None:
+            latent, noise = latent[:len(self.rows)], noise[list(self.rows)]
         final = []
 
         def recorded(*args, **kwargs):
@@ -94,3 +112,10 @@ class CalibrationRun:
         grid = self.trajectory.sigmas.double()
         return [int(torch.argmin((grid - float(s)).abs())) for s in sigmas]
 
+
+def _rows_of(conditioning, rows, batch):
+    """ComfyUI conditioning with every per-sample tensor (batch rows, e.g. one prompt per calibration noise)
+    restricted to `rows`; tensors for the whole batch at once (batch 1) stay as they are."""
+    def pick(value):
+        return value[rows] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch > 1 else value
+    return [[pick(tensor), {k: pick(v) for k, v in options.items()}] for tensor, options in conditioning]

@@ -10,6 +10,7 @@ from calibrated_samplers.nodes.ksampler import CalibratedKSampler
 from calibrated_samplers.nodes.report import CalibrationReport
 from calibrated_samplers.nodes.samplers import node_for
 from calibrated_samplers.optimizers.calibration import CalibrationMismatch
+from calibrated_samplers.optimizers.coordinates import NoiseSchedule
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from calibrated_samplers.nodes.builtins import SHORTLIST
 from calibrated_samplers.nodes.methods import METHODS
@@ -64,7 +65,10 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert calibration.diagnostics["iia_ddim"]["evaluations"] == 4
     assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
     report = 4 * 4 + 2 * 7 + len(SHORTLIST) * 4
-    assert len(calls) == 120 + own + report and teacher_latent["samples"].shape == (6, 4, 8, 8)
+    # validation: per method its plain solver on the batch, then on each half a fit and a run on the other half
+    validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in METHODS)
+    assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m] for m in METHODS)
+    assert len(calls) == 120 + own + report + validation and teacher_latent["samples"].shape == (6, 4, 8, 8)
     assert set(calibration.diagnostics["calibration_batch"]) == set(METHODS) | {
         f"{name} / karras" for name in SHORTLIST}
     assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
@@ -74,8 +78,16 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert set(scores) == {"searched path", "uniform path", "karras sigmas"}
     chosen = scores[olss_fit["schedule"]]["re-solved, cross-validated" if olss_fit["resolved"] else "teacher fit"]
     assert chosen == min(v for s in scores.values() for v in s.values())
-    if not olss_fit["resolved"]:
+    if not olss_fit["resolved"] and olss_fit["validation"]["kept"] == "fit":
         assert chosen == pytest.approx(calibration.diagnostics["calibration_batch"]["olss"]["rmse"], rel=1e-4)
+    for m in METHODS:          # a fit that validates worse than its plain solver is stored as the plain solver
+        check = calibration.diagnostics[m]["validation"]
+        assert check["kept"] == ("fit" if check["rmse"] <= check["plain_rmse"] else "plain")
+        if check["kept"] == "plain":
+            schedule = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
+            plain = METHODS[m].plain_tensors(calibration.fits[m], calibration.settings, schedule)
+            for key, tensor in plain.items():
+                torch.testing.assert_close(calibration.fits[m][key].double(), tensor.double())
     assert len(list(calibration_folder.iterdir())) == 1
     made = len(calls)
     again, _, sigmas_again = _calibrate(counted)
@@ -226,7 +238,7 @@ def test_report_draws_every_panel(model):
     image = CalibrationReport.execute(calibration).result[0]
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert image.shape[1] == 3 * PANEL + 40
-    errors = calibration.diagnostics["calibration_batch"]
+    errors = calibration.diagnostics["validated"]
     bar_rows = slice(2 * PANEL, 3 * PANEL)
     lengths = {}
     for i, method in enumerate(calibration.methods):
@@ -243,3 +255,53 @@ def test_report_draws_every_panel(model):
     without_teacher = _calibrate(model, method="iia_ddim", iia_target="substeps")[0]
     short = CalibrationReport.execute(without_teacher).result[0]
     assert short.shape[1] < image.shape[1]
+
+
+def test_auto_samples_with_what_validated_best(model, calibration_folder):
+    """KSampler (Calibrated) `auto` calibrates every method and samples with the lowest validated error among the
+    fits and the built-in shortlist, within its steps' model evaluations (the Heun forms, 7 at 4 steps, are out)."""
+    from calibrated_samplers.nodes.validation import choose
+    out = _ksampler(model, "auto")
+    calibration = LoadCalibration.execute(folder_paths.get_filename_list("calibrations")[0]).result[0]
+    validated = calibration.diagnostics["validated"]
+    label = choose(validated, 4)
+    assert validated[label]["rmse"] == min(v["rmse"] for v in validated.values() if v["evaluations"] <= 4)
+    assert {"biia_heun", "iia_heun"} <= set(validated) and validated["iia_heun"]["evaluations"] == 7
+    assert validated[label]["rmse"] <= min(v["rmse"] for v in validated.values() if "sampler" in v)
+    entry = validated[label]
+    if "method" in entry:
+        expected = _ksampler(model, entry["method"])
+    else:
+        latent = {"samples": torch.zeros(2, 4, 8, 8)}
+        expected = SamplerCustom.execute(model, True, 5, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
+                                         comfy.samplers.sampler_object(entry["sampler"]),
+                                         torch.tensor(entry["sigmas"], dtype=torch.float32), latent).result[0]["samples"]
+    torch.testing.assert_close(out, expected)
+
+
+def test_auto_chooses_a_built_in_when_every_fit_validates_worse(model, calibration_folder, monkeypatch):
+    """The fit made bad (its coefficients tripled, and so its plain solver's): it validates worse than the
+    built-ins, and `auto` samples with the best built-in, exactly as SamplerCustom would with it."""
+    method = METHODS["olss"]
+    good_fit, good_plain = method.fit, method.plain_tensors
+
+    def bad_fit(run):
+        tensors, diagnostics = good_fit(run)
+        return {**tensors, "weights_d": 3 * tensors["weights_d"]}, diagnostics
+
+    monkeypatch.setattr(method, "fit", bad_fit)
+    monkeypatch.setattr(method, "plain_tensors", lambda tensors, settings, schedule: {
+        **good_plain(tensors, settings, schedule), "weights_d": 3.5 * tensors["weights_d"]})
+    calibration = _calibrate(model, method="olss")[0]
+    check = calibration.diagnostics["olss"]["validation"]
+    assert check["kept"] == ("fit" if check["rmse"] <= check["plain_rmse"] else "plain")
+    validated = calibration.diagnostics["validated"]
+    builtins = {label: v for label, v in validated.items() if "sampler" in v}
+    best = min(builtins, key=lambda label: builtins[label]["rmse"])
+    assert validated["olss"]["rmse"] > builtins[best]["rmse"]
+    out = _ksampler(model, "auto", calibration=calibration)
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    expected = SamplerCustom.execute(model, True, 5, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
+                                     comfy.samplers.sampler_object(builtins[best]["sampler"]),
+                                     torch.tensor(builtins[best]["sigmas"], dtype=torch.float32), latent).result[0]["samples"]
+    torch.testing.assert_close(out, expected)

@@ -67,6 +67,11 @@ class Method:
                 raise ValueError(f"{self.name}.{key} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)} "
                                  f"for {steps} steps")
 
+    def plain_tensors(self, tensors, settings, schedule) -> dict:
+        """The fit's plain solver on the same sigmas, as this method's tensors (identity coefficients or ratios):
+        what a fit that validates worse is stored as."""
+        raise NotImplementedError
+
     def plain_sampler(self, settings) -> str | None:
         """The built-in sampler this method corrects on the same sigmas, if any (the report and the benchmark
         compare the two)."""

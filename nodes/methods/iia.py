@@ -78,6 +78,9 @@ class IIA(Method):
                          "target": self.target(run.request), "evaluations": fit.evaluations,
                          "fit_seconds": time.perf_counter() - start}
 
+    def plain_tensors(self, tensors, settings, schedule):
+        return {**tensors, "coefficients": iia.plain_coefficients(self.name, tensors["sigmas"], HISTORY)}
+
     def shapes(self, steps, tensors):
         return {"coefficients": (steps, iia.coefficient_count(self.name, HISTORY))}
 

@@ -63,7 +63,7 @@ class OLSS(Method):
         start = time.perf_counter()
         final = run.trajectory.final.double()
         norm = float(gram.target_sq[-1].sqrt()) or 1.0
-        batch = run.request.calibration_batch
+        batch = run.batch
         halves = [list(range(0, batch, 2)), list(range(1, batch, 2))]
         scores, best, evaluations = {}, None, 0
 
@@ -98,6 +98,11 @@ class OLSS(Method):
                                      "errors": c.errors.double()})
         return tensors, {"step_error": solver.errors, "schedule": label, "resolved": resolved, "candidate_rmse": scores,
                          "evaluations": evaluations, "fit_seconds": time.perf_counter() - start + gram_seconds}
+
+    def plain_tensors(self, tensors, settings, schedule):
+        """DDIM on the fit's sigmas, written in OLSS's basis."""
+        weights_x, weights_d = olss.ddim_coefficients(schedule, tensors["sigmas"].double())
+        return {**tensors, "weights_x": weights_x, "weights_d": weights_d, "errors": torch.zeros_like(tensors["errors"])}
 
     def shapes(self, steps, tensors):
         return {"path": (steps,), "weights_x": (steps,), "weights_d": (steps, steps), "errors": (steps,)}
