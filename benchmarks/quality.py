@@ -86,7 +86,8 @@ CALIBRATED_SCHEDULERS = ["karras", "beta", "simple", "kl_optimal"]    # IIA and 
 TIMETUNER_BASES = ["ddim", "dpmpp_2m", "uni_pc"]
 IIA_SUBSTEPS = [3]                                       # M of the IIA fits to sub-steps (the paper: 3)
 IIA_TARGETS = ["teacher", "substeps"]                    # what IIA fits to (--iia-targets)
-CALIBRATED = ["olss", "olss_p", "iia_ddim", "biia_heun", "iia_heun", "timetuner"]   # which to fit (--methods)
+CALIBRATED = ["olss", "olss_p", "iia_ddim", "biia_heun", "iia_heun", "timetuner", "auto"]   # to fit (--methods)
+VALIDATION = []                 # per auto calibration and method: validated error beside held-out error
 PLAIN = {"iia_ddim": "ddim", "biia_heun": "heun", "iia_heun": "heun"}   # and timetuner(X): X
 
 
@@ -148,8 +149,45 @@ def calibrated_runs(case, nfe):
             yield f"{method}{tag}_b{batch}", name, label, steps, sampler, tensors["sigmas"]
 
 
+def auto_runs(case, nfe):
+    """KSampler (Calibrated)'s `auto` at its defaults (scheduler karras, sampler_name euler): every method fitted
+    and validated by the node's own code on each calibration batch, then the lowest validated error among them
+    and the built-in shortlist within nfe evaluations, sampled on the held-out noise. Each method's validated
+    error is recorded beside its held-out one (VALIDATION)."""
+    if "auto" not in CALIBRATED:
+        return
+    from calibrated_samplers.nodes.calibrate import fit
+    from calibrated_samplers.nodes.methods import METHODS as REGISTRY
+    from calibrated_samplers.nodes.validation import choose
+    for batch in CALIBRATION_BATCHES:
+        run = _calibration_run(case, batch, nfe)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            calibration = fit(run, tuple(case.noise.shape[1:]))
+        validated = calibration.diagnostics["validated"]
+        samplers = {}
+        for label, entry in validated.items():
+            if "method" in entry:
+                function, options = REGISTRY[label].sampler(calibration.fits[label], calibration.settings, case.schedule)
+                sampler, sigmas = comfy.samplers.KSAMPLER(function, extra_options=options), calibration.fits[label]["sigmas"]
+            else:
+                sampler = comfy.samplers.sampler_object(entry["sampler"])
+                sigmas = torch.tensor(entry["sigmas"], dtype=torch.float32)
+            samplers[label] = sampler, sigmas
+            VALIDATION.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "batch": batch, "label": label,
+                               "evaluations": entry["evaluations"], "validated": entry["rmse"],
+                               "held_out": common.rmse(case.sample(sampler, sigmas), case.reference)})
+        label = choose(validated, nfe)          # as KSampler (Calibrated) does (`chosen_sampler`)
+        sampler, sigmas = samplers[label]
+        CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": "auto", "batch": batch,
+                                  "fit_seconds": time.perf_counter() - start, "choice": label,
+                                  "validation_evaluations": sum((calibration.diagnostics[m]["validation"] or {})
+                                                                .get("evaluations", 0) for m in calibration.fits)})
+        yield f"auto_b{batch}", f"auto({label})", "auto", nfe, sampler, sigmas
+
+
 # The pack's methods: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
-METHODS = [trust_region_runs, calibrated_runs]
+METHODS = [trust_region_runs, calibrated_runs, auto_runs]
 
 
 def run(models, nfes, cfgs, batch, teacher_steps, save=None):
@@ -159,7 +197,7 @@ def run(models, nfes, cfgs, batch, teacher_steps, save=None):
         for cfg in cfgs:
             case = common.Case.make(name, cfg, batch)
             start = time.perf_counter()
-            teacher = case.teacher(teacher_steps)
+            teacher = case.reference = case.teacher(teacher_steps)
             teacher_seconds = time.perf_counter() - start
             floor = common.rmse(case.teacher(teacher_steps // 2), teacher) / 3   # h^2 error of the teacher itself
             teachers[f"{name} cfg {cfg:g}"] = {"steps": teacher_steps, "seconds": teacher_seconds,
@@ -283,7 +321,8 @@ def main():
 
     def save(records, teachers):         # after every (model, cfg, NFE): a long run keeps what it measured
         with open(args.out + ".json", "w") as f:
-            json.dump({"teachers": teachers, "calibrations": CALIBRATION_COSTS, "records": records}, f, indent=1)
+            json.dump({"teachers": teachers, "calibrations": CALIBRATION_COSTS, "validation": VALIDATION,
+                       "records": records}, f, indent=1)
         with open(args.out + ".md", "w") as f:
             f.write(markdown(records, teachers, args.nfe))
 
