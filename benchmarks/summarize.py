@@ -65,8 +65,9 @@ def family(record):
     return "timetuner" if name.startswith("timetuner(") else name.removesuffix("_teacher")
 
 
-def headline(records, methods=("olss", "olss_p", "iia_ddim", "iia_heun", "timetuner", "trust_region")):
+def headline(records, methods=("olss", "olss_p", "iia_ddim", "iia_heun", "timetuner", "trust_region", "auto")):
     best = defaultdict(dict)
+    methods = [m for m in methods if any(family(r) == m for r in records if r["method"] != "builtin")]
     for r in records:
         name = "built-in" if r["method"] == "builtin" else family(r)
         key = (r["model"], r["nfe"])
@@ -81,6 +82,19 @@ def headline(records, methods=("olss", "olss_p", "iia_ddim", "iia_heun", "timetu
     return "\n".join(out)
 
 
+def validation(entries):
+    """Each method's (and built-in's) validated error on the calibration batch beside its held-out error."""
+    out = ["Validated (calibration batch: methods on the half they were not fitted on) against held-out RMSE", "",
+           "| model | NFE | label | evaluations | validated | held-out | held-out / validated |", "|---|---|---|---|---|---|---|"]
+    for v in entries:
+        out.append(f"| {v['model']} | {v['nfe']} | {v['label']} | {v['evaluations']} | {v['validated']:.4f} | "
+                   f"{v['held_out']:.4f} | {v['held_out'] / max(v['validated'], 1e-12):.2f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    records = json.load(open(sys.argv[1]))["records"]
+    data = json.load(open(sys.argv[1]))
+    records = data["records"]
     print(tables(records) + "\n\n" + headline(records))
+    if data.get("validation"):
+        print("\n" + validation(data["validation"]))
