@@ -210,9 +210,10 @@ def workflows():
     w = Workflow("calibrated_ksampler")
     w.note(0, "KSampler (Calibrated) is a drop-in for KSampler: the same inputs plus a method. The first run "
               "calibrates (once, stored in models/calibrations); later runs with the same model, cfg, size "
-              "and steps reuse it instantly.")
+              "and steps reuse it instantly. Method auto samples with whichever validated best on calibration "
+              "noises it was not fitted on, a built-in sampler included.")
     model, positive, negative, latent, vae = text_to_image(w)
-    ks = w.add("CalibratedKSampler", 3, {"seed": 42, "steps": 5, "cfg": 7.0, "method": "olss",
+    ks = w.add("CalibratedKSampler", 3, {"seed": 42, "steps": 5, "cfg": 7.0, "method": "auto",
                                          "sampler_name": "dpmpp_2m", "scheduler": "karras"},
                conditioning(model, positive, negative, latent))
     save(w, 4, (ks, 0), vae, "calibrated_ksampler")
