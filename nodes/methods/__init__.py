@@ -3,9 +3,10 @@
 
 A `Method` owns everything about itself: its settings and their checks, the schedule it samples on,
 whether it needs the teacher, the settings it adds to a calibration's key, its fit, its sampler, its
-model evaluations per sample, which KSampler inputs a calibration of it must match, and what it reports
-(`fit`'s diagnostics: "step_error", and "plain_step_error" where the method corrects a plain solver).
-Adding a method is one module and one line in `METHODS` below.
+model evaluations per sample, which KSampler inputs a calibration of it must match, its plain solver on the
+same sigmas (what a fit that validates worse is stored as, `nodes/validation.py`), its stored tensors' shapes,
+and what it reports (`fit`'s diagnostics: "evaluations" the fit made, "step_error", and "plain_step_error"
+where the method corrects a plain solver). Adding a method is one module and one line in `METHODS` below.
 """
 import torch
 
