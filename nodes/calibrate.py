@@ -101,11 +101,12 @@ def calibration_batch_errors(run, fits, evaluations):
         errors[name] = {"rmse": rmse(x.cpu(), final), "evaluations": evaluations[name]}
     where = "given sigmas" if request.sigmas is not None else request.scheduler
     for name in SHORTLIST:
-        sigmas = run.sigmas if request.sigmas is not None else ksampler_sigmas(ms, request.scheduler, request.steps, name)
+        sigmas = run.sigmas if request.sigmas is not None else \
+            ksampler_sigmas(ms, request.scheduler, request.steps, name)
         sampler = comfy.samplers.sampler_object(name)
         x = run.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options)
-        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final), "evaluations": model_evaluations(name, request.steps),
-                                        "sampler": name, "sigmas": sigmas.double().tolist()}
+        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final), "sampler": name, "sigmas": sigmas.double().tolist(),
+                                        "evaluations": model_evaluations(name, request.steps)}
     return errors
 
 

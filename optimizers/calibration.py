@@ -102,7 +102,8 @@ class Calibration:
                 raise ValueError(f"{method} has no sigmas")
             check_schedule(tensors["sigmas"], f"{method}.sigmas")
             if len(tensors["sigmas"]) != self.steps + 1:
-                raise ValueError(f"{method}.sigmas has {len(tensors['sigmas']) - 1} steps, the calibration {self.steps}")
+                raise ValueError(f"{method}.sigmas has {len(tensors['sigmas']) - 1} steps, the calibration "
+                                 f"{self.steps}")
             if not isinstance(self.evaluations.get(method), int) or self.evaluations[method] < 1:
                 raise ValueError(f"{method} has no model evaluation count")
             for name, t in tensors.items():

@@ -105,7 +105,8 @@ def sample_timetuner(model, x, sigmas, extra_args=None, callback=None, disable=N
     extra_args = {} if extra_args is None else extra_args
     new_extra_args = with_time_ratio(extra_args, ratios)
     counted = _CountingModel(model) if verify is not None else model
-    out = base(counted, x, sigmas, extra_args=new_extra_args, callback=callback, disable=disable, **(base_options or {}))
+    out = base(counted, x, sigmas, extra_args=new_extra_args, callback=callback, disable=disable,
+               **(base_options or {}))
     if verify is not None:
         verify(new_extra_args, counted.calls)
     return out

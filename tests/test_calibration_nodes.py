@@ -67,7 +67,8 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     report = 4 * 4 + 2 * 7 + len(SHORTLIST) * 4
     # validation: per method its plain solver on the batch, then on each half a fit and a run on the other half
     validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in METHODS)
-    assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m] for m in METHODS)
+    assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m]
+               for m in METHODS)
     assert len(calls) == 120 + own + report + validation and teacher_latent["samples"].shape == (6, 4, 8, 8)
     assert set(calibration.diagnostics["calibration_batch"]) == set(METHODS) | {
         f"{name} / karras" for name in SHORTLIST}
@@ -275,7 +276,8 @@ def test_auto_samples_with_what_validated_best(model, calibration_folder):
         latent = {"samples": torch.zeros(2, 4, 8, 8)}
         expected = SamplerCustom.execute(model, True, 5, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
                                          comfy.samplers.sampler_object(entry["sampler"]),
-                                         torch.tensor(entry["sigmas"], dtype=torch.float32), latent).result[0]["samples"]
+                                         torch.tensor(entry["sigmas"], dtype=torch.float32),
+                                         latent).result[0]["samples"]
     torch.testing.assert_close(out, expected)
 
 
@@ -303,5 +305,6 @@ def test_auto_chooses_a_built_in_when_every_fit_validates_worse(model, calibrati
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
     expected = SamplerCustom.execute(model, True, 5, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
                                      comfy.samplers.sampler_object(builtins[best]["sampler"]),
-                                     torch.tensor(builtins[best]["sigmas"], dtype=torch.float32), latent).result[0]["samples"]
+                                     torch.tensor(builtins[best]["sigmas"], dtype=torch.float32),
+                                     latent).result[0]["samples"]
     torch.testing.assert_close(out, expected)

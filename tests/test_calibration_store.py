@@ -155,8 +155,9 @@ def test_a_schema_1_record_is_refused_by_its_version(tmp_path):
     from calibrated_samplers.calibration_cache import CHECKSUM_KEY, checksum
     from safetensors.torch import save_file
     tensors = {"sigmas": SIGMAS, "olss.weights_x": torch.rand(3)}
-    metadata = {"calibrated_samplers": json.dumps({"schema_version": 1, "family": "eps", "fingerprint": "f", "cfg": 3.0,
-                                                   "latent_shape": [4, 8, 8], "teacher": {}, "methods": {"olss": ["weights_x"]}})}
+    old = {"schema_version": 1, "family": "eps", "fingerprint": "f", "cfg": 3.0, "latent_shape": [4, 8, 8],
+           "teacher": {}, "methods": {"olss": ["weights_x"]}}
+    metadata = {"calibrated_samplers": json.dumps(old)}
     metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
     with pytest.raises(CalibrationFileError, match="schema version 1.*calibrate again"):

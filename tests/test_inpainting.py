@@ -39,8 +39,8 @@ def _kept_change(out, latent):
 
 
 def _calibrate(model, steps):
-    return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(), {"samples": torch.zeros(1, 4, 8, 8)},
-                                    0, CFG, steps, 60, 4, "all").result[0]
+    return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(),
+                                    {"samples": torch.zeros(1, 4, 8, 8)}, 0, CFG, steps, 60, 4, "all").result[0]
 
 
 @pytest.mark.parametrize("steps", [3, 5, 8])
@@ -50,8 +50,9 @@ def test_every_method_keeps_the_unmasked_region(model, steps):
     for method in METHODS:
         node = node_for(method)
         sampler = node.execute(calibration, method if len(node.METHODS) > 1 else None).result[0]
+        sigmas = CalibrationSigmas.execute(calibration, method).result[0]
         out = SamplerCustom.execute(model, True, 7, CFG, gmm.conditioning([3]), gmm.null_conditioning(), sampler,
-                                    CalibrationSigmas.execute(calibration, method).result[0], latent).result[0]["samples"]
+                                    sigmas, latent).result[0]["samples"]
         assert _kept_change(out, latent) <= 1e-4, (method, steps, _kept_change(out, latent))
         regenerated = latent["noise_mask"].expand_as(out) == 1
         assert float((out - latent["samples"])[regenerated].abs().max()) > 0.1, method     # the rest is sampled

@@ -24,8 +24,8 @@ def test_joint_refit_never_raises_the_final_error_and_replays(calibrated):
     rows = list(range(0, CALIBRATION, 2))
     joint = joint_refit.JointRefit(trajectory.final, iterations=2, rows=rows)
     noise = _noise(CALIBRATION, 0)
-    tuned = _run(model, comfy.samplers.KSAMPLER(joint_refit.refine_olss, extra_options={"coefficients": ours, "joint": joint}),
-                 start.sigmas, noise)
+    refine = comfy.samplers.KSAMPLER(joint_refit.refine_olss, extra_options={"coefficients": ours, "joint": joint})
+    tuned = _run(model, refine, start.sigmas, noise)
     assert len(joint.errors) == len(joint.held_errors) == 3
     assert all(b <= a for a, b in zip(joint.errors, joint.errors[1:]))
     assert joint.errors[-1] < joint.errors[0]

@@ -44,7 +44,8 @@ def _calibrate(model, sampler_name):
 def _leaves(value, path=""):
     """{path: leaf} of nested diagnostics, without the timings."""
     if isinstance(value, dict):
-        return {k: v for key, item in value.items() if key not in TIMING for k, v in _leaves(item, f"{path}/{key}").items()}
+        return {k: v for key, item in value.items() if key not in TIMING
+                for k, v in _leaves(item, f"{path}/{key}").items()}
     if isinstance(value, (list, tuple)):
         return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{path}[{i}]").items()}
     return {path: value}
@@ -107,8 +108,8 @@ def _ksampler(model, method):
 @pytest.mark.parametrize("method", ["olss", "iia_ddim"])
 def test_calibrated_ksampler_gives_the_latent_of_the_format(twins, method):
     _, real, identity = twins
-    torch.testing.assert_close(_ksampler(real, method), real.model.latent_format.process_out(_ksampler(identity, method)),
-                               rtol=1e-4, atol=1e-5)
+    expected = real.model.latent_format.process_out(_ksampler(identity, method))
+    torch.testing.assert_close(_ksampler(real, method), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("base", ["uni_pc", "uni_pc_bh2"])

@@ -14,8 +14,8 @@ class OLSS(Method):
     `olss_p`: the uniform path only."""
 
     node = ("OLSSSampler", "OLSS Sampler",
-            "Optimal Linear Subspace Search (Duan et al., CIKM 2023): each step is the fitted linear combination of the "
-            "start noise and all earlier model outputs. Use with the calibration's sigmas (Calibration Sigmas) in "
+            "Optimal Linear Subspace Search (Duan et al., CIKM 2023): each step is the fitted linear combination of "
+            "the start noise and all earlier model outputs. Use with the calibration's sigmas (Calibration Sigmas) in "
             "SamplerCustom.")
 
     def __init__(self, name):
@@ -102,7 +102,8 @@ class OLSS(Method):
     def plain_tensors(self, tensors, settings, schedule):
         """DDIM on the fit's sigmas, written in OLSS's basis."""
         weights_x, weights_d = olss.ddim_coefficients(schedule, tensors["sigmas"].double())
-        return {**tensors, "weights_x": weights_x, "weights_d": weights_d, "errors": torch.zeros_like(tensors["errors"])}
+        return {**tensors, "weights_x": weights_x, "weights_d": weights_d,
+                "errors": torch.zeros_like(tensors["errors"])}
 
     def shapes(self, steps, tensors):
         return {"path": (steps,), "weights_x": (steps,), "weights_d": (steps, steps), "errors": (steps,)}

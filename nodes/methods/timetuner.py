@@ -33,8 +33,8 @@ class TimeTuner(Method):
     summary = "TimeTuner: the chosen sampler with a tuned time input per step (the scheduler's sigmas)"
     follows = ("scheduler", "sampler_name")
     node = ("TimeTunerSampler", "TimeTuner Sampler",
-            "TimeTuner (Xia et al., CVPR 2024): the sampler the calibration was tuned with, feeding the network a tuned "
-            "time input per step. Use with the calibration's sigmas (Calibration Sigmas, method timetuner).")
+            "TimeTuner (Xia et al., CVPR 2024): the sampler the calibration was tuned with, feeding the network a "
+            "tuned time input per step. Use with the calibration's sigmas (Calibration Sigmas, method timetuner).")
 
     @staticmethod
     def sampler_inputs():
@@ -61,8 +61,9 @@ class TimeTuner(Method):
 
     def fit(self, run):
         request = run.request
-        sigmas = run.sigmas if request.sigmas is not None else ksampler_sigmas(
-            run.model.get_model_object("model_sampling"), request.scheduler, request.steps, request.sampler_name).double()
+        ms = run.model.get_model_object("model_sampling")
+        sigmas = run.sigmas if request.sigmas is not None else \
+            ksampler_sigmas(ms, request.scheduler, request.steps, request.sampler_name).double()
         targets = run.teacher_states(sigmas[1:])
         base = comfy.samplers.sampler_object(request.sampler_name)
         result = {}

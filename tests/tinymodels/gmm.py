@@ -2,8 +2,9 @@
 
 The data are C x 8 x 8 latents drawn from a mixture of isotropic Gaussians N(mu_k, v_k I),
 COMPONENTS_PER_CLASS per class: "smooth" (standard deviations 0.15-0.5, the original test mixture) or
-"sharp" (0.04-0.06 against unit-scale means, like a real latent's fine detail). For a state x = a x0 + b n (ComfyUI's EPS and V models: a = 1,
-b = sigma; flow models: a = 1 - sigma, b = sigma) the posterior mean is exact:
+"sharp" (0.04-0.06 against unit-scale means, like a real latent's fine detail). For a state x = a x0 + b n
+(ComfyUI's EPS and V models: a = 1, b = sigma; flow models: a = 1 - sigma, b = sigma) the posterior mean is
+exact:
 
     E[x0 | x] = sum_k r_k(x) * (mu_k + a v_k / (a^2 v_k + b^2) * (x - a mu_k)),
     r_k(x) proportional to w_k * N(x; a mu_k, (a^2 v_k + b^2) I).
