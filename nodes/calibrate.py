@@ -32,7 +32,7 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
             logging.info("Calibrated Samplers: reusing stored calibration %s", p.key)
             return found, None
     label = f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}"
-    store.check_writable(label, p.key, store.size_bound(request.steps, request.methods))
+    store.check_writable(label, p.key, store.size_bound(request.steps, p.methods))
     memory.check(model, request, tuple(latent.shape[1:]))
     run = CalibrationRun(model=model, plan=p, positive=positive, negative=negative, latent=latent[:1])
     calibration = fit(run, tuple(latent.shape[1:]))
@@ -51,7 +51,7 @@ def fit(run, latent_shape) -> Calibration:
     (`diagnostics["validated"]`: what `validation.choose` picks from)."""
     request, p = run.request, run.plan
     fits, diagnostics = {}, {}
-    for name in request.methods:
+    for name in p.methods:
         comfy.model_management.throw_exception_if_processing_interrupted()
         fits[name], diagnostics[name] = METHODS[name].fit(run)
     evaluations = {name: METHODS[name].evaluations(request.steps, p.settings) for name in fits}
@@ -105,7 +105,8 @@ def calibration_batch_errors(run, fits, evaluations):
             ksampler_sigmas(ms, request.scheduler, request.steps, name)
         sampler = comfy.samplers.sampler_object(name)
         x = run.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options)
-        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final), "sampler": name, "sigmas": sigmas.double().tolist(),
+        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final), "sampler": name,
+                                        "sigmas": sigmas.double().tolist(),
                                         "evaluations": model_evaluations(name, request.steps)}
     return errors
 
@@ -132,7 +133,8 @@ def checked_sampler(calibration, method, **inputs):
                                      latent_shape=tuple(x.shape[1:]), cfg=guidance_scale(inner))
         check_same_sigmas(sigmas, fitted, f"this {method} calibration")
         function, options = METHODS[method].sampler(tensors, calibration.settings, schedule, **inputs)
-        return keep_masked(model, function(model, x, sigmas, extra_args, callback, disable, **options), sigmas,
+        to_zero = sigmas.clone()        # (ComfyUI's uni_pc writes 0.001 over the final 0 of the sigmas it runs on)
+        return keep_masked(model, function(model, x, sigmas, extra_args, callback, disable, **options), to_zero,
                            extra_args)
 
     return comfy.samplers.KSAMPLER(sample)
@@ -157,11 +159,12 @@ def guidance_scale(guider) -> float:
 
 
 def keep_masked(model, x, sigmas, extra_args):
-    """x with the region an inpainting noise mask keeps set back to the input latent, as ComfyUI's own samplers
-    end: their last step returns the model's denoised output, which ComfyUI's inpainting wrapper
+    """x with the region an inpainting noise mask keeps (mask 0) set back to the input latent, as ComfyUI's own
+    samplers end: their last step returns the model's denoised output, which ComfyUI's inpainting wrapper
     (KSamplerX0Inpaint) has blended with the input latent by the mask (transformed, where a node installed a
     denoise_mask_function, as at the last model call's sigma). A calibrated method's final x is a fitted
-    combination instead, so the blend is made here, once, for every method."""
+    combination of such outputs and of the start noise, so the kept region is restored here, once, for every
+    method; elsewhere (a soft mask's partly kept pixels too) x stays the method's, whose outputs were blended."""
     mask = (extra_args or {}).get("denoise_mask")
     if mask is None or float(sigmas[-1]) != 0:
         return x
@@ -169,4 +172,4 @@ def keep_masked(model, x, sigmas, extra_args):
     if function is not None:
         sigma = sigmas[-2] * x.new_ones([x.shape[0]])
         mask = function(sigma, mask, extra_options={"model": model.inner_model, "sigmas": sigmas})
-    return x * mask + model.latent_image * (1 - mask)
+    return torch.where(mask <= 0, model.latent_image, x)

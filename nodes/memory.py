@@ -3,8 +3,9 @@
 Host: the teacher's whole trajectory (every state and output of the calibration batch, float32 or, above
 2 GiB, float16), the teacher states the fits target (float32, a few per student step), OLSS's Gram work
 buffers (256 MiB at most) and the sampling runs' own latents. Device: one batched model call on the
-calibration batch, as ComfyUI's KSampler with that batch size needs it (the model's `memory_required`), beside
-the model's weights.
+calibration batch with its unconditional half (the model's `memory_required` for twice the batch, as ComfyUI
+estimates a guided call), beside the model's weights. Validation holds half the trajectory again (the fitting
+half's copy).
 """
 import math
 
@@ -20,10 +21,11 @@ GRAM_WORKSPACE = 256 << 20          # olss.gram_matrix reads the trajectory in b
 def estimate(model, request, latent_shape) -> dict:
     """{"host": bytes, "device": bytes} a calibration of this request needs at its peak."""
     numel = request.calibration_batch * math.prod(latent_shape)
-    host = Trajectory.bytes_for(request.teacher_steps, numel) if request.needs_teacher else 0
+    trajectory = Trajectory.bytes_for(request.teacher_steps, numel) if request.needs_teacher else 0
+    host = trajectory + trajectory // 2                       # validation's copy of the fitting half
     host += 4 * numel * (2 * request.steps + 8)               # fit targets, sampling runs' latents and outputs
     host += GRAM_WORKSPACE if request.needs_teacher else 0
-    shape = [request.calibration_batch, *latent_shape]
+    shape = [2 * request.calibration_batch, *latent_shape]
     device = int(model.model.memory_required(shape)) + int(model.model_size())
     return {"host": host, "device": device}
 

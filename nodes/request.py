@@ -5,6 +5,7 @@
 settings the fits depend on (`settings`, stored with the calibration) and the key under which the result
 is stored and found again.
 """
+import logging
 import math
 from dataclasses import dataclass, fields
 
@@ -16,7 +17,7 @@ from ..optimizers.calibration import calibration_key, check_schedule
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import ksampler_sigmas
 from .fingerprint import model_fingerprint
-from .methods import METHODS
+from .methods import METHODS, NotApplicable
 
 TEACHER_SOLVER = "dpmpp_2m_lambda"
 
@@ -57,6 +58,7 @@ class Request:
 @dataclass(frozen=True)
 class Plan:
     request: Request
+    methods: tuple                  # the requested methods that apply (`NotApplicable` ones left out)
     schedule: NoiseSchedule
     sigmas: torch.Tensor            # the student sigmas of the methods that keep a schedule (float64)
     settings: dict                  # JSON-able: everything besides the model that the fits depend on
@@ -66,8 +68,8 @@ class Plan:
 
 def check_number(name, value, low=None, high=None, integer=False):
     """Raise ValueError naming the input unless `value` is a finite number (an integer) within [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)) \
-            or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (integer and value != int(value)):
         raise ValueError(f"{name} {value!r}: expected a finite {'whole ' if integer else ''}number")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"from {low} to {high}" if low is not None and high is not None else \
@@ -103,12 +105,21 @@ def plan(model, latent_shape, request: Request) -> Plan:
     if request.needs_teacher and request.steps > request.teacher_steps // 2:
         raise ValueError(f"steps {request.steps} is too many for a {request.teacher_steps}-step teacher: use at most "
                          f"{request.teacher_steps // 2} steps, or raise teacher_steps to {2 * request.steps} or more")
-    settings = {"teacher": {"steps": int(request.teacher_steps), "solver": TEACHER_SOLVER},
-                "seed": int(request.seed), "batch": int(request.calibration_batch), "methods": list(request.methods),
-                "given_sigmas": None if request.sigmas is None else [round(v, 6) for v in request.sigmas]}
+    methods = []
     for name in request.methods:
-        METHODS[name].check(request, student, schedule)
+        try:
+            METHODS[name].check(request, student, schedule)
+        except NotApplicable as e:
+            if len(request.methods) == 1:
+                raise
+            logging.info("Calibrated Samplers: %s left out: %s", name, e)
+            continue
+        methods.append(name)
+    settings = {"teacher": {"steps": int(request.teacher_steps), "solver": TEACHER_SOLVER},
+                "seed": int(request.seed), "batch": int(request.calibration_batch), "methods": methods,
+                "given_sigmas": None if request.sigmas is None else [round(v, 6) for v in request.sigmas]}
+    for name in methods:
         settings.update(METHODS[name].settings(request))
     fingerprint = model_fingerprint(model)
     key = calibration_key(schedule.family, fingerprint, request.steps, request.cfg, latent_shape, settings)
-    return Plan(request, schedule, student, settings, fingerprint, key)
+    return Plan(request, tuple(methods), schedule, student, settings, fingerprint, key)

@@ -36,13 +36,14 @@ class CalibrationRun:
     def batch(self) -> int:
         return self.request.calibration_batch if self.rows is None else len(self.rows)
 
-    def subset(self, rows):
-        """This run restricted to some of its calibration noises (their conditioning and teacher states too), for
-        fitting on some and judging on the others."""
+    def subset(self, rows, states=True):
+        """This run restricted to some of its calibration noises (their conditioning and teacher run too), for
+        fitting on some and judging on the others; without `states`, of the teacher run only its final x (what
+        judging needs; the states are copies)."""
         full = self.trajectory
         rows = list(rows)
-        part = Trajectory(full.sigmas, full.store_dtype, [x[rows] for x in full.states],
-                          [d[rows] for d in full.denoised], full.final[rows])
+        part = Trajectory(full.sigmas, full.store_dtype, [x[rows] for x in full.states] if states else [],
+                          [d[rows] for d in full.denoised] if states else [], full.final[rows])
         return CalibrationRun(model=self.model, plan=self.plan, positive=_rows_of(self.positive, rows, self.batch),
                               negative=_rows_of(self.negative, rows, self.batch), latent=self.latent,
                               rows=tuple(rows), _trajectory=part)
@@ -114,8 +115,11 @@ class CalibrationRun:
 
 
 def _rows_of(conditioning, rows, batch):
-    """ComfyUI conditioning with every per-sample tensor (batch rows, e.g. one prompt per calibration noise)
-    restricted to `rows`; tensors for the whole batch at once (batch 1) stay as they are."""
+    """ComfyUI conditioning with every per-sample tensor restricted to `rows` of the calibration batch, after
+    repeating it to the batch as ComfyUI does (`repeat_to_batch_size`); tensors of batch 1 stay as they are.
+    (A ControlNet's hint inside a `control` object is not restricted.)"""
     def pick(value):
-        return value[rows] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch > 1 else value
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] > 1:
+            return comfy.utils.repeat_to_batch_size(value, batch)[rows]
+        return value
     return [[pick(tensor), {k: pick(v) for k, v in options.items()}] for tensor, options in conditioning]

@@ -2,11 +2,11 @@
 
 Two folds of the calibration batch (the even and the odd noises): a method is fitted on one half exactly as
 on the whole batch (its own choices included) and sampled on the other, against the teacher; its validated
-error is the RMSE over both held-out halves. Its plain solver on the same sigmas (`Method.plain_tensors`) is
-sampled on the whole batch, which it was not fitted on either. A fit that validates worse than its plain
-solver is stored as the plain solver. Built-in samplers are fitted on nothing, so their error on the
-calibration batch is already a validated one; `choose` picks the lowest of all within a budget of model
-evaluations.
+error is the RMSE over both held-out halves. Its plain solver on the fit's sigmas (`Method.plain_tensors`;
+for OLSS's searched steps, sigmas chosen on the whole batch) is sampled on the whole batch. A fit that
+validates worse than its plain solver is stored as the plain solver. Built-in samplers are fitted on
+nothing, so their error on the calibration batch is already a validated one; `choose` picks the lowest of
+all within a budget of model evaluations.
 """
 import torch
 
@@ -30,7 +30,7 @@ def validate(name, run, tensors):
     held, teacher, calls = [], [], per_run
     for fit_rows, test_rows in zip(halves, halves[::-1]):
         fitted, diagnostics = method.fit(run.subset(fit_rows))
-        test = run.subset(test_rows)
+        test = run.subset(test_rows, states=False)
         function, options = method.sampler(fitted, settings, run.schedule)
         held.append(test.sample(function, fitted["sigmas"].float(), **options).cpu())
         teacher.append(test.trajectory.final)

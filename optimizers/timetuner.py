@@ -5,7 +5,7 @@ For student step i the network is fed the time input r_i * t instead of t (t = C
 sampler's own coefficients, the input scaling c_in and the output conversion keep the nominal sigma.
 The ratios r_i are a function of the noise level (`TimeRatios`), so any sampler runs them unchanged:
 `sample_timetuner` runs the sampler with a time-ratio hook installed in the model options (the hook is
-comfy code, `nodes.time_input.with_time_ratio`, injected by the caller so this module stays free of
+comfy code, `nodes/methods/timetuner.py: with_time_ratio`, injected by the caller so this module stays free of
 comfy).
 
 The original fits each r_i by Adam on a noise-consistency loss with gradients through the network.
@@ -98,7 +98,7 @@ def sample_timetuner(model, x, sigmas, extra_args=None, callback=None, disable=N
                      ratios: TimeRatios, with_time_ratio, verify=None):
     """k-diffusion-style sampler: the `base` sampler function with the time input scaled by `ratios`.
 
-    with_time_ratio(extra_args, ratios) -> extra_args with the time-input hook (nodes.time_input).
+    with_time_ratio(extra_args, ratios) -> extra_args with the time-input hook (nodes/methods/timetuner.py).
     verify(extra_args, model_calls), optional: raises if the hook never reached the network.
     With all ratios 1 the result is the base sampler's, bit for bit.
     """

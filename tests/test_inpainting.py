@@ -3,6 +3,7 @@ mask is 0, exactly the latent it came with, through every calibrated method, as 
 import pytest
 import torch
 
+import comfy.samplers
 import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
@@ -79,3 +80,25 @@ def test_a_denoise_mask_function_is_honoured(model):
     out = SamplerCustom.execute(patched, True, 7, CFG, gmm.conditioning([3]), gmm.null_conditioning(), sampler,
                                 CalibrationSigmas.execute(calibration, "olss").result[0], latent).result[0]["samples"]
     assert _kept_change(out, latent) <= 1e-4
+
+
+@pytest.mark.parametrize("base", ["euler", "uni_pc"])
+def test_a_soft_mask_matches_comfyuis_own_sampler(model, base):
+    """TimeTuner with every ratio 1 is its base sampler: with a soft mask (0, 0.5, 1) the calibrated path gives
+    exactly ComfyUI's own result on the partly kept and regenerated pixels (nothing blended twice), and keeps
+    the kept ones, also on uni_pc (which writes 0.001 over the final sigma it runs on, and whose own final step
+    is not the denoised output, so ComfyUI's uni_pc itself moves the kept region slightly)."""
+    calibration = CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(),
+                                           {"samples": torch.zeros(1, 4, 8, 8)}, 0, CFG, 4, 60, 4, "timetuner",
+                                           "karras", base).result[0]
+    calibration.fits["timetuner"]["ratios"] = torch.ones_like(calibration.fits["timetuner"]["ratios"])
+    latent = _masked_latent()
+    latent["noise_mask"][..., 2:4] = 0.5
+    sigmas = CalibrationSigmas.execute(calibration, "timetuner").result[0]
+    ours = SamplerCustom.execute(model, True, 7, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
+                                 node_for("timetuner").execute(calibration).result[0], sigmas, latent).result[0]
+    theirs = SamplerCustom.execute(model, True, 7, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
+                                   comfy.samplers.sampler_object(base), sigmas.clone(), latent).result[0]
+    sampled = latent["noise_mask"].expand_as(latent["samples"]) > 0
+    torch.testing.assert_close(ours["samples"][sampled], theirs["samples"][sampled])
+    assert _kept_change(ours["samples"], latent) <= 1e-4

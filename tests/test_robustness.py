@@ -301,3 +301,24 @@ def test_a_calibration_too_big_for_memory_is_refused_up_front(model, folder):
     small = memory.estimate(model, Request.from_inputs("all", seed=0, cfg=CFG, steps=5, teacher_steps=500,
                                                        calibration_batch=8), (4, 64, 64))
     assert 0.5 * 2 ** 30 < small["host"] < 1 * 2 ** 30        # SD1.5 at 512 pixels, the defaults: under 1 GiB
+
+
+def test_validation_folds_see_the_conditioning_the_teacher_saw():
+    """A conditioning of 2 prompts for 8 calibration noises is repeated to the batch as ComfyUI does: a fold of the
+    even noises sees prompt 0 only, as the teacher did for those noises."""
+    from calibrated_samplers.nodes.run import _rows_of
+    prompts = gmm.conditioning([0, 1])
+    fold = _rows_of(prompts, [0, 2, 4, 6], 8)
+    assert torch.equal(fold[0][0], prompts[0][0][[0, 0, 0, 0]])
+    assert torch.equal(_rows_of(prompts, [1, 3], 8)[0][0], prompts[0][0][[1, 1]])
+    single = gmm.conditioning([3])
+    assert _rows_of(single, [0, 2], 8)[0][0] is single[0][0]
+
+
+def test_all_leaves_out_a_method_that_does_not_apply(model):
+    """A scheduler that starts below sigma_max leaves TimeTuner out of `all` (and so of KSampler (Calibrated)'s
+    `auto`); asked for alone, TimeTuner is refused by name."""
+    calibration = calibrate(model, method="all", scheduler="ddim_uniform", steps=3)
+    assert "timetuner" not in calibration.methods and "olss" in calibration.methods
+    with pytest.raises(ValueError, match="below the model's"):
+        calibrate(model, method="timetuner", scheduler="ddim_uniform", steps=3)

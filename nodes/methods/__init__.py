@@ -13,6 +13,11 @@ import torch
 from ...optimizers.calibration import CalibrationMismatch
 
 
+class NotApplicable(ValueError):
+    """A method that cannot be fitted for this request's model or schedule (not a wrong input): when several
+    methods are asked for (`all`, KSampler (Calibrated)'s `auto`), it is left out; asked for alone, refused."""
+
+
 class Method:
     name = ""
     summary = ""                    # one line, for tooltips
@@ -24,7 +29,8 @@ class Method:
         return True
 
     def check(self, request, sigmas, schedule):
-        """Raise ValueError naming the input if this method cannot be fitted for the request."""
+        """Raise ValueError naming the input if this method cannot be fitted for the request (NotApplicable where
+        the request is fine but the method does not apply to it)."""
 
     def settings(self, request) -> dict:
         """The request's settings this method's fit depends on (they enter the calibration's key)."""
@@ -72,11 +78,6 @@ class Method:
         """The fit's plain solver on the same sigmas, as this method's tensors (identity coefficients or ratios):
         what a fit that validates worse is stored as."""
         raise NotImplementedError
-
-    def plain_sampler(self, settings) -> str | None:
-        """The built-in sampler this method corrects on the same sigmas, if any (the report and the benchmark
-        compare the two)."""
-        return None
 
     @staticmethod
     def inputs() -> list:

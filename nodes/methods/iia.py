@@ -88,6 +88,3 @@ class IIA(Method):
         coefficients = tensors["coefficients"]
         r = coefficients.shape[1] - iia.coefficient_count(self.name, 0)
         return iia.sample_iia, {"schedule": schedule, "variant": self.name, "r": r, "coefficients": coefficients}
-
-    def plain_sampler(self, settings):
-        return self.plain

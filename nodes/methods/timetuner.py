@@ -22,7 +22,7 @@ from comfy_api.latest import io
 
 from ...optimizers import timetuner
 from ..builtins import DETERMINISTIC_SAMPLERS, ksampler_sigmas, model_evaluations
-from . import Method, finite, scheduler_setting
+from . import Method, NotApplicable, finite, scheduler_setting
 
 # ComfyUI's uni_pc samplers report their states to the callback in variance-preserving scale, x / sqrt(1 + sigma^2)
 CALLBACK_SCALES = {name: (lambda sigma: math.sqrt(1 + sigma ** 2)) for name in ("uni_pc", "uni_pc_bh2")}
@@ -47,17 +47,15 @@ class TimeTuner(Method):
             raise ValueError(f"sampler_name {request.sampler_name!r}: TimeTuner needs a deterministic sampler, one of "
                              f"{', '.join(DETERMINISTIC_SAMPLERS)}")
         if request.sigmas is None and float(sigmas[0]) < schedule.sigma_max * (1 - 1e-3):
-            raise ValueError(f"scheduler {request.scheduler} starts at sigma {float(sigmas[0]):.4g}, below the model's "
-                             f"{schedule.sigma_max:.4g}: TimeTuner needs a schedule from sigma_max (or connect sigmas)")
+            raise NotApplicable(f"scheduler {request.scheduler} starts at sigma {float(sigmas[0]):.4g}, below the "
+                                f"model's {schedule.sigma_max:.4g}: TimeTuner needs a schedule from sigma_max (or "
+                                "connect sigmas)")
 
     def settings(self, request):
         return {**scheduler_setting(request), "sampler_name": request.sampler_name}
 
     def evaluations(self, steps, settings):
         return model_evaluations(settings["sampler_name"], steps)
-
-    def plain_sampler(self, settings):
-        return settings["sampler_name"]
 
     def fit(self, run):
         request = run.request
