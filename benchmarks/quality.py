@@ -84,9 +84,10 @@ CALIBRATION_TEACHER_STEPS = [500]
 CALIBRATION_COSTS = []
 CALIBRATED_SCHEDULERS = ["karras", "beta", "simple", "kl_optimal"]    # IIA and TimeTuner keep the schedule
 TIMETUNER_BASES = ["ddim", "dpmpp_2m", "uni_pc"]
+TIME_STEPS_BASES = ["uni_pc", "dpmpp_2m", "euler"]          # the samplers calibrated time steps are fitted for
 IIA_SUBSTEPS = [3]                                       # M of the IIA fits to sub-steps (the paper: 3)
 IIA_TARGETS = ["teacher", "substeps"]                    # what IIA fits to (--iia-targets)
-CALIBRATED = ["olss", "olss_p", "iia_ddim", "biia_heun", "iia_heun", "timetuner", "auto"]   # to fit (--methods)
+CALIBRATED = ["olss", "olss_p", "iia_ddim", "biia_heun", "iia_heun", "timetuner", "time_steps", "auto"]  # --methods
 VALIDATION = []                 # per auto calibration and method: validated error beside held-out error
 PLAIN = {"iia_ddim": "ddim", "biia_heun": "heun", "iia_heun": "heun"}   # and timetuner(X): X
 
@@ -124,6 +125,7 @@ def calibrated_runs(case, nfe):
     from calibrated_samplers.nodes.methods import METHODS
     for batch in CALIBRATION_BATCHES:
         jobs = [(m, nfe, "karras", "euler", None) for m in ("olss", "olss_p")]
+        jobs += [("time_steps", nfe, "karras", base, None) for base in TIME_STEPS_BASES]
         for scheduler in CALIBRATED_SCHEDULERS:
             fits = [None] * ("teacher" in IIA_TARGETS) + IIA_SUBSTEPS * ("substeps" in IIA_TARGETS)
             for m in fits:               # None: fitted to the teacher; else to m sub-steps
@@ -143,8 +145,8 @@ def calibrated_runs(case, nfe):
                                       "evaluations": diagnostics.get("evaluations", 0), "iia_substeps": substeps})
             function, options = METHODS[method].sampler(tensors, run.plan.settings, case.schedule)
             sampler = comfy.samplers.KSAMPLER(function, extra_options=options)
-            name = f"timetuner({base})" if method == "timetuner" else method
-            label = "calibrated" if method.startswith("olss") else scheduler
+            name = f"{method}({base})" if method in ("timetuner", "time_steps") else method
+            label = "calibrated" if method.startswith("olss") or method == "time_steps" else scheduler
             tag = f"_m{substeps}" if substeps else "_teacher" if method in PLAIN else ""
             yield f"{method}{tag}_b{batch}", name, label, steps, sampler, tensors["sigmas"]
 

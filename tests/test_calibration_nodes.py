@@ -64,7 +64,7 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"])
     assert calibration.diagnostics["iia_ddim"]["evaluations"] == 4
     assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
-    report = 4 * 4 + 2 * 7 + len(SHORTLIST) * 4
+    report = sum(calibration.evaluations.values()) + len(SHORTLIST) * 4
     # validation: per method its plain solver on the batch, then on each half a fit and a run on the other half
     validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in METHODS)
     assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m]
@@ -308,3 +308,23 @@ def test_auto_chooses_a_built_in_when_every_fit_validates_worse(model, calibrati
                                      torch.tensor(builtins[best]["sigmas"], dtype=torch.float32),
                                      latent).result[0]["samples"]
     torch.testing.assert_close(out, expected)
+
+
+def test_calibrated_time_steps_lower_the_samplers_error_and_sample_as_the_built_in(model):
+    """Calibrated time steps: the built-in sampler's interior sigmas fitted to the teacher from the trust-region
+    schedule; never worse than that start on the calibration batch, endpoints kept, and its sampler node is the
+    built-in sampler itself (checked)."""
+    from calibrated_samplers.nodes.methods.time_steps import start_sigmas
+    calibration = _calibrate(model, method="time_steps", sampler_name="dpmpp_2m")[0]
+    facts = calibration.diagnostics["time_steps"]
+    assert facts["rmse"] <= facts["start_rmse"] and facts["evaluations"] > 4
+    sigmas = CalibrationSigmas.execute(calibration, "time_steps").result[0]
+    schedule = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
+    start = start_sigmas(schedule, 4, "dpmpp_2m").float()
+    assert float(sigmas[0]) == float(start[0]) and float(sigmas[-1]) == 0 and torch.all(sigmas[1:] < sigmas[:-1])
+    ours = _sample(model, node_for("time_steps").execute(calibration).result[0], sigmas)
+    theirs = _sample(model, comfy.samplers.sampler_object("dpmpp_2m"), sigmas.clone())
+    assert torch.equal(ours, theirs)
+    other = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "beta", 4)
+    with pytest.raises(ValueError, match="fitted for the 4-step sigmas"):
+        _sample(model, node_for("time_steps").execute(calibration).result[0], other)

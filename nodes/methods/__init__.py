@@ -104,7 +104,7 @@ def scheduler_setting(request) -> dict:
     return {} if request.sigmas is not None else {"scheduler": request.scheduler}
 
 
-from . import iia, olss, timetuner  # noqa: E402
+from . import iia, olss, time_steps, timetuner  # noqa: E402
 
 METHODS = {m.name: m for m in [
     olss.OLSS("olss"),
@@ -113,4 +113,5 @@ METHODS = {m.name: m for m in [
     iia.IIA("biia_heun"),
     iia.IIA("iia_heun"),
     timetuner.TimeTuner(),
+    time_steps.TimeSteps(),
 ]}
