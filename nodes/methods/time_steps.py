@@ -30,8 +30,9 @@ class TimeSteps(Method):
 
     def check(self, request, sigmas, schedule):
         if request.sampler_name not in SOLVERS:
+            modelled = ", ".join(s for s in SOLVERS if s != "original")
             raise NotApplicable(f"sampler_name {request.sampler_name}: calibrated time steps start from the "
-                                f"trust-region schedule, which models {', '.join(s for s in SOLVERS if s != 'original')}")
+                                f"trust-region schedule, which models {modelled}")
 
     def settings(self, request):
         return {"sampler_name": request.sampler_name}
@@ -54,8 +55,8 @@ class TimeSteps(Method):
             check=comfy.model_management.throw_exception_if_processing_interrupted)
         tensors = finite(self.name, {"sigmas": torch.from_numpy(sigmas).float()})
         steps = model_evaluations(request.sampler_name, request.steps)
-        return tensors, {"sampler_name": request.sampler_name, "step_error": [], "start_rmse": facts["start_error"] ** 0.5,
-                         "rmse": facts["error"] ** 0.5, "evaluations": facts["evaluations"] * steps,
+        return tensors, {"sampler_name": request.sampler_name, "step_error": [], "rmse": facts["error"] ** 0.5,
+                         "start_rmse": facts["start_error"] ** 0.5, "evaluations": facts["evaluations"] * steps,
                          "fit_seconds": time.perf_counter() - start}
 
     def plain_tensors(self, tensors, settings, schedule):
