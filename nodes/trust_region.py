@@ -1,4 +1,5 @@
 """TrustRegionStepsScheduler: optimized time steps (Xue et al., CVPR 2024) as a SIGMAS node."""
+import logging
 from functools import lru_cache
 
 import torch
@@ -60,7 +61,9 @@ class TrustRegionStepsScheduler(io.ComfyNode):
             category=f"{CATEGORY}/schedulers",
             description="Sigmas for few-step sampling, optimized for your model's noise schedule and the "
                         "sampler you will use (Xue et al., CVPR 2024). No model evaluations; well under a "
-                        "second. Use with SamplerCustom and the same sampler in KSamplerSelect.",
+                        "second. Use with SamplerCustom and the same sampler in KSamplerSelect. Not for flow "
+                        "models (SD3, Flux): there its sigmas measured 1.5-9x the error of the best built-in "
+                        "schedules; use a built-in schedule, or calibrated time steps (Calibrate Sampler).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample: its noise schedule (and shift) sets the range."),
                 io.Int.Input("steps", default=5, min=2, max=100,
@@ -82,4 +85,8 @@ class TrustRegionStepsScheduler(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps, solver, init, error_exponent, denoise) -> io.NodeOutput:
         ms = model.get_model_object("model_sampling")
+        if NoiseSchedule.from_model_sampling(ms).is_flow:
+            logging.warning("Trust-Region Steps Scheduler: this is a flow model, for which these sigmas measured "
+                            "1.5-9x the error of the best built-in schedules; prefer a built-in schedule or "
+                            "calibrated time steps")
         return io.NodeOutput(trust_region_sigmas(ms, steps, solver, init, error_exponent, denoise))
