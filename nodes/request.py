@@ -17,7 +17,7 @@ from ..optimizers.calibration import calibration_key, check_schedule
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import ksampler_sigmas
 from .fingerprint import model_fingerprint
-from .methods import METHODS, NotApplicable
+from .methods import ALL, METHODS, NotApplicable
 
 TEACHER_SOLVER = "dpmpp_2m_lambda"
 
@@ -44,7 +44,7 @@ class Request:
         given = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).detach().cpu().double())
         names = {f.name for f in fields(cls)}
         options = tuple(sorted((k, v) for k, v in inputs.items() if k not in names and v is not None))
-        return cls(methods=tuple(METHODS) if method == "all" else (method,), sigmas=given, options=options,
+        return cls(methods=tuple(ALL) if method == "all" else (method,), sigmas=given, options=options,
                    **{k: v for k, v in inputs.items() if k in names})
 
     def option(self, name, default=None):

@@ -13,7 +13,7 @@ from calibrated_samplers.optimizers.calibration import CalibrationMismatch
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from calibrated_samplers.nodes.builtins import SHORTLIST
-from calibrated_samplers.nodes.methods import METHODS
+from calibrated_samplers.nodes.methods import ALL, METHODS
 from tinymodels import gmm
 
 CFG = 2.0
@@ -54,23 +54,23 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     counted = model.clone()
     counted.set_model_sampler_post_cfg_function(_count(calls))
     calibration, teacher_latent, sigmas = _calibrate(counted)
-    assert calibration.methods == sorted(METHODS) and calibration.steps == 4
+    assert calibration.methods == sorted(ALL) and calibration.steps == 4
     # every model call is accounted for: the teacher's, each fit's own (OLSS: per candidate schedule, a run with
     # the teacher fit and two cross-validation refits, then the chosen refit; IIA fitted to the teacher: one
     # run), and the report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1) and 5
     # built-ins, 4 steps
-    own = sum(calibration.diagnostics[m]["evaluations"] for m in METHODS)
+    own = sum(calibration.diagnostics[m]["evaluations"] for m in ALL)
     olss_fit = calibration.diagnostics["olss"]
     assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"])
     assert calibration.diagnostics["iia_ddim"]["evaluations"] == 4
     assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
     report = sum(calibration.evaluations.values()) + len(SHORTLIST) * 4
     # validation: per method its plain solver on the batch, then on each half a fit and a run on the other half
-    validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in METHODS)
+    validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in ALL)
     assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m]
-               for m in METHODS)
+               for m in ALL)
     assert len(calls) == 120 + own + report + validation and teacher_latent["samples"].shape == (6, 4, 8, 8)
-    assert set(calibration.diagnostics["calibration_batch"]) == set(METHODS) | {
+    assert set(calibration.diagnostics["calibration_batch"]) == set(ALL) | {
         f"{name} / karras" for name in SHORTLIST}
     assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
     # OLSS keeps the candidate (schedule, teacher fit or cross-validated refit) that came closest to the
@@ -81,7 +81,7 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert chosen == min(v for s in scores.values() for v in s.values())
     if not olss_fit["resolved"] and olss_fit["validation"]["kept"] == "fit":
         assert chosen == pytest.approx(calibration.diagnostics["calibration_batch"]["olss"]["rmse"], rel=1e-4)
-    for m in METHODS:          # a fit that validates worse than its plain solver is stored as the plain solver
+    for m in ALL:              # a fit that validates worse than its plain solver is stored as the plain solver
         check = calibration.diagnostics[m]["validation"]
         assert check["kept"] == ("fit" if check["rmse"] <= check["plain_rmse"] else "plain")
         if check["kept"] == "plain":

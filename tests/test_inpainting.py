@@ -7,7 +7,7 @@ import comfy.samplers
 import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
-from calibrated_samplers.nodes.methods import METHODS
+from calibrated_samplers.nodes.methods import ALL, METHODS
 from calibrated_samplers.nodes.samplers import node_for
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from comfy_extras.nodes_differential_diffusion import DifferentialDiffusion
@@ -48,7 +48,7 @@ def _calibrate(model, steps):
 def test_every_method_keeps_the_unmasked_region(model, steps):
     calibration = _calibrate(model, steps)
     latent = _masked_latent()
-    for method in METHODS:
+    for method in ALL:
         node = node_for(method)
         sampler = node.execute(calibration, method if len(node.METHODS) > 1 else None).result[0]
         sigmas = CalibrationSigmas.execute(calibration, method).result[0]

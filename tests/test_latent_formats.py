@@ -16,7 +16,7 @@ import comfy.samplers
 import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
-from calibrated_samplers.nodes.methods import METHODS
+from calibrated_samplers.nodes.methods import ALL, METHODS
 from calibrated_samplers.nodes.samplers import node_for
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from tinymodels import gmm
@@ -36,9 +36,9 @@ def _empty(model, batch):
     return {"samples": torch.zeros(batch, model.model.latent_format.latent_channels, 8, 8)}
 
 
-def _calibrate(model, sampler_name):
+def _calibrate(model, sampler_name, method="all"):
     return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(), _empty(model, 1), 0, CFG,
-                                    STEPS, 60, 4, "all", "karras", sampler_name, refit=True).result
+                                    STEPS, 60, 4, method, "karras", sampler_name, refit=True).result
 
 
 def _leaves(value, path=""):
@@ -69,14 +69,16 @@ def twins(request):
     return request.param, gmm.build_like(request.param), gmm.build_like(request.param, scale_one=True)
 
 
-def test_a_calibration_is_the_same_in_every_latent_format(twins):
+@pytest.mark.parametrize("method", ["all", "time_steps"])
+def test_a_calibration_is_the_same_in_every_latent_format(twins, method):
     name, real, identity = twins
     fmt = real.model.latent_format
     assert fmt.scale_factor != 1 and identity.model.latent_format.scale_factor == 1
     sampler_name = "uni_pc" if name == "sd15" else "dpmpp_2m"
-    ours, teacher_ours, _ = _calibrate(real, sampler_name)
-    theirs, teacher_theirs, _ = _calibrate(identity, sampler_name)
-    assert ours.methods == sorted(METHODS)
+    ours, teacher_ours, _ = _calibrate(real, sampler_name, method)
+    theirs, teacher_theirs, _ = _calibrate(identity, sampler_name, method)
+    assert ours.methods == (sorted(ALL) if method == "all" else [method])
+    assert set(ALL) | {"time_steps"} == set(METHODS)
     # the choices and every score: OLSS's candidates (teacher fit and cross-validated refit), the refit kept or
     # not, the per-step errors, the report's calibration-batch errors of every method and built-in
     ours_leaves, theirs_leaves = _leaves(ours.diagnostics), _leaves(theirs.diagnostics)

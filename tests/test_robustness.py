@@ -9,7 +9,7 @@ import torch
 import folder_paths
 from calibrated_samplers.nodes.calibration import CalibrateSampler, CalibrationSigmas
 from calibrated_samplers.nodes.ksampler import CalibratedKSampler
-from calibrated_samplers.nodes.methods import METHODS
+from calibrated_samplers.nodes.methods import ALL, METHODS
 from calibrated_samplers.nodes.samplers import node_for
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from tinymodels import gmm
@@ -50,7 +50,7 @@ def test_degenerate_sizes_give_finite_samplers(model, batch, steps):
     """A one-noise calibration (rank-deficient least squares) and a one-step student: every method fits,
     stays finite and samples finite latents."""
     calibration = calibrate(model, steps=steps, batch=batch)
-    for method in METHODS:
+    for method in ALL:
         for tensor in calibration.fits[method].values():
             assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), method
         assert torch.isfinite(sample(model, calibration, method)).all(), method
@@ -105,7 +105,7 @@ def test_settings_a_fit_depends_on_get_their_own_stored_calibration(model, folde
 def test_calibration_is_reproducible_from_its_seed(model):
     first = calibrate(model, method="all")
     again = calibrate(model, method="all", refit=True)
-    for method in METHODS:
+    for method in ALL:
         for name, tensor in first.fits[method].items():
             assert torch.equal(tensor, again.fits[method][name]), (method, name)
 

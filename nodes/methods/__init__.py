@@ -24,6 +24,7 @@ class Method:
     follows = ()                    # KSampler inputs a calibration of this method must match ("scheduler", ...)
     node = ("", "", "")             # (node id, display name, description) of its sampler node; methods that share
     default_variant = False         # a node are its variants, this one the default
+    in_all = True                   # fitted by method `all` (and so by KSampler (Calibrated)'s `auto`)
 
     def needs_teacher(self, request) -> bool:
         return True
@@ -115,3 +116,4 @@ METHODS = {m.name: m for m in [
     timetuner.TimeTuner(),
     time_steps.TimeSteps(),
 ]}
+ALL = [name for name, method in METHODS.items() if method.in_all]      # what method `all` fits

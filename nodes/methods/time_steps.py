@@ -22,7 +22,8 @@ def start_sigmas(schedule, steps, sampler_name):
 class TimeSteps(Method):
     name = "time_steps"
     summary = ("Calibrated time steps: the chosen built-in sampler on sigmas fitted to the teacher (from the "
-               "trust-region schedule)")
+               "trust-region schedule; dozens of sampling runs, so not part of 'all')")
+    in_all = False              # its fit runs the sampler dozens of times: asked for by name only
     follows = ("sampler_name",)
     node = ("TimeStepsSampler", "Calibrated Time Steps Sampler",
             "Calibrated time steps: the built-in sampler the calibration was fitted for (its sampler_name), to use "
