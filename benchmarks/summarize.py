@@ -25,16 +25,23 @@ def label(record):
     return f"{name}({plain_of(record['sampler'])})" if record["sampler"].startswith("timetuner(") else name
 
 
+def best_by(records, name_of):
+    """{(model, NFE): {name: lowest-RMSE record}}, name "built-in" for every built-in, else name_of(record)."""
+    best = defaultdict(dict)
+    for r in records:
+        key = (r["model"], r["nfe"])
+        name = "built-in" if r["method"] == "builtin" else name_of(r)
+        if name not in best[key] or r["rmse"] < best[key][name]["rmse"]:
+            best[key][name] = r
+    return best
+
+
 def tables(records):
     plain = {(r["model"], r["nfe"], r["sampler"], r["scheduler"]): r["rmse"] for r in records
              if r["method"] == "builtin"}
     ratios = defaultdict(dict)
-    best = defaultdict(dict)
+    best = best_by(records, label)
     for r in records:
-        key = (r["model"], r["nfe"])
-        name = "built-in" if r["method"] == "builtin" else label(r)
-        if name not in best[key] or r["rmse"] < best[key][name]["rmse"]:
-            best[key][name] = r
         base = plain_of(r["sampler"]) if r["method"] != "builtin" else None
         if base and (r["model"], r["nfe"], base, r["scheduler"]) in plain:
             ratios[(r["model"], label(r))][(r["nfe"], r["scheduler"])] = r["rmse"] / plain[
@@ -66,13 +73,8 @@ def family(record):
 
 
 def headline(records, methods=("olss", "olss_p", "iia_ddim", "iia_heun", "timetuner", "trust_region", "auto")):
-    best = defaultdict(dict)
-    methods = [m for m in methods if any(family(r) == m for r in records if r["method"] != "builtin")]
-    for r in records:
-        name = "built-in" if r["method"] == "builtin" else family(r)
-        key = (r["model"], r["nfe"])
-        if name not in best[key] or r["rmse"] < best[key][name]["rmse"]:
-            best[key][name] = r
+    best = best_by(records, family)
+    methods = [m for m in methods if any(m in found for found in best.values())]
     out = ["Each method at its best scheduler against the best built-in, `(x)`: ratio of held-out RMSE", "",
            "| model | NFE | best built-in | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
     for (model, n), found in sorted(best.items()):

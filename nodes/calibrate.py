@@ -96,9 +96,7 @@ def calibration_batch_errors(run, fits, evaluations):
     request = run.request
     errors = {}
     for name, tensors in fits.items():
-        function, options = METHODS[name].sampler(tensors, run.plan.settings, run.schedule)
-        x = run.sample(function, tensors["sigmas"].float(), **options)
-        errors[name] = {"rmse": rmse(x.cpu(), final), "evaluations": evaluations[name]}
+        errors[name] = {"rmse": rmse(run.sample_fit(METHODS[name], tensors), final), "evaluations": evaluations[name]}
     where = "given sigmas" if request.sigmas is not None else request.scheduler
     for name in SHORTLIST:
         sigmas = run.sigmas if request.sigmas is not None else \

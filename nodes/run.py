@@ -83,6 +83,11 @@ class CalibrationRun:
                                    disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         return final[-1]
 
+    def sample_fit(self, method, tensors):
+        """Final x (on the host) of a method's fitted tensors sampled on this run's noises."""
+        function, options = method.sampler(tensors, self.plan.settings, self.schedule)
+        return self.sample(function, tensors["sigmas"].float(), **options).cpu()
+
     @property
     def has_teacher(self) -> bool:
         return self._trajectory is not None

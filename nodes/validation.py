@@ -24,15 +24,13 @@ def validate(name, run, tensors):
         return tensors, None
     per_run = method.evaluations(run.request.steps, settings)
     plain = method.plain_tensors(tensors, settings, run.schedule)
-    function, options = method.sampler(plain, settings, run.schedule)
-    plain_rmse = rmse(run.sample(function, plain["sigmas"].float(), **options).cpu(), run.trajectory.final)
+    plain_rmse = rmse(run.sample_fit(method, plain), run.trajectory.final)
     halves = [list(range(0, run.batch, 2)), list(range(1, run.batch, 2))]
     held, teacher, calls = [], [], per_run
     for fit_rows, test_rows in zip(halves, halves[::-1]):
         fitted, diagnostics = method.fit(run.subset(fit_rows))
         test = run.subset(test_rows, states=False)
-        function, options = method.sampler(fitted, settings, run.schedule)
-        held.append(test.sample(function, fitted["sigmas"].float(), **options).cpu())
+        held.append(test.sample_fit(method, fitted))
         teacher.append(test.trajectory.final)
         calls += diagnostics["evaluations"] + per_run
     validated = rmse(torch.cat(held), torch.cat(teacher))
