@@ -59,15 +59,14 @@ class Method:
                 raise CalibrationMismatch(f"this calibration was fitted with {name} {fitted}, not {given[name]}: "
                                           f"set {name} to {fitted} or calibrate again")
 
-    def shapes(self, steps, tensors) -> dict:
-        """{name: shape} that a stored fit of `steps` steps must have (besides its sigmas, which the record checks);
-        `tensors` (the stored ones) where a shape depends on a stored setting."""
+    def shapes(self, steps) -> dict:
+        """{name: shape} that a stored fit of `steps` steps must have besides its sigmas (which the record checks)."""
         return {}
 
     def check_tensors(self, tensors, steps):
         """Raise ValueError naming the tensor unless a stored fit has exactly this method's tensors, shaped for
         `steps` steps (the record itself checks that they are finite and that the sigmas are a schedule)."""
-        expected = {"sigmas": (steps + 1,), **self.shapes(steps, tensors)}
+        expected = {"sigmas": (steps + 1,), **self.shapes(steps)}
         if set(tensors) != set(expected):
             raise ValueError(f"{self.name} holds {sorted(tensors)}, expected {sorted(expected)}")
         for key, shape in expected.items():

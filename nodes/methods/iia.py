@@ -81,7 +81,7 @@ class IIA(Method):
     def plain_tensors(self, tensors, settings, schedule):
         return {**tensors, "coefficients": iia.plain_coefficients(self.name, tensors["sigmas"], HISTORY)}
 
-    def shapes(self, steps, tensors):
+    def shapes(self, steps):
         return {"coefficients": (steps, iia.coefficient_count(self.name, HISTORY))}
 
     def sampler(self, tensors, settings, schedule):

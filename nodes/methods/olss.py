@@ -105,7 +105,7 @@ class OLSS(Method):
         return {**tensors, "weights_x": weights_x, "weights_d": weights_d,
                 "errors": torch.zeros_like(tensors["errors"])}
 
-    def shapes(self, steps, tensors):
+    def shapes(self, steps):
         return {"path": (steps,), "weights_x": (steps,), "weights_d": (steps, steps), "errors": (steps,)}
 
     def sampler(self, tensors, settings, schedule):

@@ -79,7 +79,7 @@ class TimeTuner(Method):
     def plain_tensors(self, tensors, settings, schedule):
         return {**tensors, "ratios": torch.ones_like(tensors["ratios"])}
 
-    def shapes(self, steps, tensors):
+    def shapes(self, steps):
         return {"ratios": (steps,)}
 
     def sampler(self, tensors, settings, schedule, sampler=None):
