@@ -7,8 +7,19 @@ import comfy.samplers
 # those a method can tune, and those the report and the benchmarks compare with.
 DETERMINISTIC_SAMPLERS = ["euler", "ddim", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
                           "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2"]
-# Built-ins every calibration with a teacher is compared with on the calibration batch (the report)
-SHORTLIST = ["euler", "dpmpp_2m", "uni_pc", "deis", "ipndm"]
+# Those spending one model evaluation per step, the built-ins `auto` chooses from (ComfyUI's ddim is its euler)
+ONE_EVALUATION = [s for s in DETERMINISTIC_SAMPLERS if s not in ("ddim", "heun", "heunpp2", "dpm_2")]
+
+
+def schedules(model_sampling, steps, sampler_name) -> dict:
+    """{scheduler: sigmas} for every ComfyUI scheduler that gives `steps` steps (as KSampler makes them for the
+    sampler)."""
+    out = {}
+    for scheduler in comfy.samplers.SCHEDULER_NAMES:
+        sigmas = ksampler_sigmas(model_sampling, scheduler, steps, sampler_name)
+        if len(sigmas) - 1 == steps and bool(torch.all(sigmas[1:] < sigmas[:-1])):
+            out[scheduler] = sigmas
+    return out
 
 
 def ksampler_sigmas(model_sampling, scheduler, steps, sampler_name=None):

@@ -14,12 +14,13 @@ from ..optimizers.calibration import Calibration, check_same_sigmas
 from ..optimizers.coordinates import NoiseSchedule
 from ..optimizers.teacher import rmse
 from . import memory, store
-from .builtins import SHORTLIST, ksampler_sigmas, model_evaluations
 from .fingerprint import model_fingerprint
 from .methods import METHODS
-from .request import Request, plan
+from .request import AUTO_TEACHER, Request, plan
 from .run import CalibrationRun
-from .validation import choose, validate
+from .validation import builtins, choose, validate
+
+TEACHER_MARGIN = 20            # teacher_steps auto: the teacher's error at most the best built-in's / 20
 
 
 def calibrate(model, positive, negative, latent, request: Request, refit=False):
@@ -35,7 +36,8 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
     store.check_writable(label, p.key, store.size_bound(request.steps, p.methods))
     memory.check(model, request, tuple(latent.shape[1:]))
     run = CalibrationRun(model=model, plan=p, positive=positive, negative=negative, latent=latent[:1])
-    calibration = fit(run, tuple(latent.shape[1:]))
+    calibration = fit(run, tuple(latent.shape[1:]),
+                      lambda steps: memory.check(model, request, tuple(latent.shape[1:]), teacher_steps=steps))
     try:
         store.save(calibration, label)
     except OSError as e:            # checked before the run, yet failed: the fitted calibration is still used
@@ -45,12 +47,25 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
     return calibration, run.trajectory.final if run.has_teacher else None
 
 
-def fit(run, latent_shape) -> Calibration:
+def fit(run, latent_shape, check_memory=None) -> Calibration:
     """Every requested method fitted on the run, validated on the noises it was not fitted on (falling back to its
-    plain solver where that validates better), and compared with the built-in shortlist on the calibration batch
-    (`diagnostics["validated"]`: what `validation.choose` picks from)."""
+    plain solver where that validates better), beside the built-in samplers on the calibration batch
+    (`diagnostics["validated"]`: what `validation.choose` picks from). With teacher_steps auto, the teacher is
+    first made long enough that its estimated error is at most 1/TEACHER_MARGIN of the best built-in's
+    (`diagnostics["teacher"]`); `check_memory(teacher_steps)` is called before a longer teacher run."""
     request, p = run.request, run.plan
-    fits, diagnostics = {}, {}
+    diagnostics, candidates = {}, {}
+    if request.needs_teacher:
+        candidates, finals, calls = builtins(run)
+        if request.teacher_steps == AUTO_TEACHER:
+            best = min(entry["rmse"] for entry in candidates.values())
+            diagnostics["teacher"] = run.settle_teacher(best / TEACHER_MARGIN, check_memory)
+            for label, x in finals.items():         # measured again against the teacher kept
+                candidates[label]["rmse"] = rmse(x, run.trajectory.final)
+        else:
+            diagnostics["teacher"] = {"steps": request.teacher_steps, "evaluations": run.teacher_evaluations}
+        diagnostics["builtins_evaluations"] = calls
+    fits = {}
     for name in p.methods:
         comfy.model_management.throw_exception_if_processing_interrupted()
         fits[name], diagnostics[name] = METHODS[name].fit(run)
@@ -65,9 +80,8 @@ def fit(run, latent_shape) -> Calibration:
                 validated[name] = {"rmse": check["rmse" if check["kept"] == "fit" else "plain_rmse"],
                                    "evaluations": evaluations[name], "method": name}
         diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
-        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations)
-        builtins = {label: entry for label, entry in diagnostics["calibration_batch"].items() if "sampler" in entry}
-        diagnostics["validated"] = {**validated, **builtins}
+        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations, candidates)
+        diagnostics["validated"] = {**validated, **candidates}
     return Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
                        latent_shape=latent_shape, steps=request.steps, settings=p.settings, fits=fits,
                        evaluations=evaluations, diagnostics=diagnostics)
@@ -87,26 +101,15 @@ def chosen_sampler(calibration, steps):
     return comfy.samplers.sampler_object(entry["sampler"]), torch.tensor(entry["sigmas"], dtype=torch.float32), label
 
 
-def calibration_batch_errors(run, fits, evaluations):
+def calibration_batch_errors(run, fits, evaluations, builtins):
     """{label: {"rmse": against the teacher's final x, "evaluations": per sample}} on the calibration noises, for
-    each fitted method and the SHORTLIST built-ins on the run's scheduler at the same steps: what calibration
-    bought, in sample."""
+    each fitted method and the built-ins (`validation.builtins`, measured already): what calibration bought, in
+    sample."""
     final = run.trajectory.final
-    ms = run.model.get_model_object("model_sampling")
-    request = run.request
     errors = {}
     for name, tensors in fits.items():
         errors[name] = {"rmse": rmse(run.sample_fit(METHODS[name], tensors), final), "evaluations": evaluations[name]}
-    where = "given sigmas" if request.sigmas is not None else request.scheduler
-    for name in SHORTLIST:
-        sigmas = run.sigmas if request.sigmas is not None else \
-            ksampler_sigmas(ms, request.scheduler, request.steps, name)
-        sampler = comfy.samplers.sampler_object(name)
-        x = run.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options)
-        errors[f"{name} / {where}"] = {"rmse": rmse(x.cpu(), final), "sampler": name,
-                                        "sigmas": sigmas.double().tolist(),
-                                        "evaluations": model_evaluations(name, request.steps)}
-    return errors
+    return {**errors, **builtins}
 
 
 def method_sigmas(calibration, method):

@@ -12,6 +12,11 @@ from .methods import METHODS
 from .request import Request
 
 
+TEACHER_STEPS_TOOLTIP = ("Steps of the accurate teacher run (third order) that the methods fit to. 0 (auto): as "
+                         "few as make its estimated error at most 1/20 of the best built-in sampler's at these steps "
+                         "(the calibration's diagnostics and report show the length and the estimate).")
+
+
 def method_tooltip(prefix=""):
     return prefix + " ".join(f"{m.name}: {m.summary}." for m in METHODS.values())
 
@@ -59,9 +64,7 @@ class CalibrateSampler(io.ComfyNode):
                 io.Int.Input("steps", default=5, min=1, max=100,
                              tooltip="Student steps, as KSampler's steps (Heun methods evaluate the model twice "
                                      "per step but the last)."),
-                io.Int.Input("teacher_steps", default=500, min=20, max=4000,
-                             tooltip="Steps of the accurate teacher run (second order) that the methods fit to. "
-                                     "More is more accurate and slower; 200-1000 is typical."),
+                io.Int.Input("teacher_steps", default=500, min=0, max=4000, tooltip=TEACHER_STEPS_TOOLTIP),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
                              tooltip="Noise samples the fit sees. More generalizes better; memory grows with it."),
                 io.Combo.Input("method", options=["all", *METHODS], default="all",

@@ -13,7 +13,7 @@ from . import CATEGORY, CalibrationType
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import DETERMINISTIC_SAMPLERS
 from .calibrate import calibrate, checked_sampler, chosen_sampler, method_sigmas
-from .calibration import follows_tooltip, latent_samples, method_tooltip
+from .calibration import TEACHER_STEPS_TOOLTIP, follows_tooltip, latent_samples, method_tooltip
 from .fingerprint import model_fingerprint
 from .methods import METHODS
 from .request import Request, check_number
@@ -54,8 +54,8 @@ class CalibratedKSampler(io.ComfyNode):
                                tooltip=method_tooltip("auto: whichever validated best on calibration noises it was "
                                                       "not fitted on, a built-in sampler included, within these "
                                                       "steps' model evaluations (calibrates every method). ")),
-                io.Int.Input("teacher_steps", default=500, min=20, max=4000,
-                             tooltip="Teacher run length when calibrating (ignored when reusing)."),
+                io.Int.Input("teacher_steps", default=500, min=0, max=4000,
+                             tooltip=TEACHER_STEPS_TOOLTIP + " Ignored when reusing a calibration."),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
                              tooltip="Noise samples for calibrating (ignored when reusing)."),
                 CalibrationType.Input("calibration", optional=True,

@@ -14,14 +14,17 @@ import psutil
 import comfy.model_management
 
 from ..optimizers.teacher import Trajectory
+from .run import auto_start
 
 GRAM_WORKSPACE = 256 << 20          # olss.gram_matrix reads the trajectory in buffers of at most this size
 
 
-def estimate(model, request, latent_shape) -> dict:
-    """{"host": bytes, "device": bytes} a calibration of this request needs at its peak."""
+def estimate(model, request, latent_shape, teacher_steps=None) -> dict:
+    """{"host": bytes, "device": bytes} a calibration of this request needs at its peak, with a teacher of
+    `teacher_steps` (default: the request's, or for teacher_steps auto the first length it tries)."""
     numel = request.calibration_batch * math.prod(latent_shape)
-    trajectory = Trajectory.bytes_for(request.teacher_steps, numel) if request.needs_teacher else 0
+    teacher_steps = teacher_steps or request.teacher_steps or auto_start(request.steps)
+    trajectory = Trajectory.bytes_for(teacher_steps, numel) if request.needs_teacher else 0
     host = trajectory + trajectory // 2                       # validation's copy of the fitting half
     host += 4 * numel * (2 * request.steps + 8)               # fit targets, sampling runs' latents and outputs
     host += GRAM_WORKSPACE if request.needs_teacher else 0
@@ -30,15 +33,16 @@ def estimate(model, request, latent_shape) -> dict:
     return {"host": host, "device": device}
 
 
-def check(model, request, latent_shape):
+def check(model, request, latent_shape, teacher_steps=None):
     """Raise ValueError with the estimate, what is free and which input to lower, where the calibration would not
     fit: host memory against what is available now, the device against its total memory."""
-    need = estimate(model, request, latent_shape)
+    teacher_steps = teacher_steps or request.teacher_steps or auto_start(request.steps)
+    need = estimate(model, request, latent_shape, teacher_steps)
     free = psutil.virtual_memory().available
     gib = 2 ** 30
     if need["host"] > free:
         raise ValueError(f"this calibration needs about {need['host'] / gib:.1f} GiB of host memory (the teacher's "
-                         f"{request.teacher_steps} steps of {request.calibration_batch} latents of "
+                         f"{teacher_steps} steps of {request.calibration_batch} latents of "
                          f"{'x'.join(map(str, latent_shape))}), {free / gib:.1f} GiB are free: lower teacher_steps "
                          "or calibration_batch")
     device = model.load_device

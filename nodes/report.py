@@ -76,6 +76,15 @@ class _Panel:
         self.draw.text((WIDTH - 175, legend_y), label, fill="black", font=_font(12))
 
 
+def teacher_line(diagnostics) -> str:
+    """" (N steps, its error ~E)": the teacher's length, and for teacher_steps auto its estimated error."""
+    teacher = diagnostics.get("teacher") or {}
+    if "steps" not in teacher:
+        return ""
+    estimate = f", its error ~{teacher['estimate']:.1e}" if "estimate" in teacher else ""
+    return f" ({teacher['steps']} steps{estimate})"
+
+
 def draw_report(calibration) -> Image.Image:
     diagnostics = calibration.diagnostics
     errors = diagnostics.get("validated") or diagnostics.get("calibration_batch", {})
@@ -117,8 +126,8 @@ def draw_report(calibration) -> Image.Image:
                   fill="black", font=_font(14))
         return image
     chosen = choose(errors, steps) if "validated" in diagnostics else None
-    draw.text((MARGIN, y + 8), f"Validated RMSE against the teacher, {steps} steps (methods: on noises they were not "
-              "fitted on; lower is better); > auto's choice", fill="black", font=_font(15))
+    draw.text((MARGIN, y + 8), f"Validated RMSE against the teacher{teacher_line(diagnostics)}, {steps} steps "
+              "(methods: on noises they were not fitted on); > auto's choice", fill="black", font=_font(15))
     ranked = sorted(errors.items(), key=lambda kv: kv[1]["rmse"])
     best = max(v["rmse"] for _, v in ranked) or 1.0
     row = (PANEL - 60) / max(len(ranked), 1)

@@ -19,7 +19,8 @@ from .builtins import ksampler_sigmas
 from .fingerprint import model_fingerprint
 from .methods import ALL, METHODS, NotApplicable
 
-TEACHER_SOLVER = "dpmpp_2m_lambda"
+TEACHER_SOLVER = "dpmpp_3m_lambda"
+AUTO_TEACHER = 0                # teacher_steps 0: as long as the student needs (`CalibrationRun.settle_teacher`)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def plan(model, latent_shape, request: Request) -> Plan:
     """Check the request against the model; raises ValueError naming the input that is wrong."""
     check_number("cfg", request.cfg, 0)
     check_number("steps", request.steps, 1, integer=True)
-    check_number("teacher_steps", request.teacher_steps, 2, integer=True)
+    if request.teacher_steps != AUTO_TEACHER:
+        check_number("teacher_steps", request.teacher_steps, 2, integer=True)
     check_number("calibration_batch", request.calibration_batch, 1, integer=True)
     check_number("seed", request.seed, 0, integer=True)
     ms = model.get_model_object("model_sampling")
@@ -102,7 +104,7 @@ def plan(model, latent_shape, request: Request) -> Plan:
         if len(student) - 1 != request.steps:
             raise ValueError(f"scheduler {request.scheduler} gives {len(student) - 1} steps for steps "
                              f"{request.steps}: choose another steps or scheduler, or connect sigmas")
-    if request.needs_teacher and request.steps > request.teacher_steps // 2:
+    if request.needs_teacher and request.teacher_steps != AUTO_TEACHER and request.steps > request.teacher_steps // 2:
         raise ValueError(f"steps {request.steps} is too many for a {request.teacher_steps}-step teacher: use at most "
                          f"{request.teacher_steps // 2} steps, or raise teacher_steps to {2 * request.steps} or more")
     methods = []
@@ -115,7 +117,8 @@ def plan(model, latent_shape, request: Request) -> Plan:
             logging.info("Calibrated Samplers: %s left out: %s", name, e)
             continue
         methods.append(name)
-    settings = {"teacher": {"steps": int(request.teacher_steps), "solver": TEACHER_SOLVER},
+    teacher_steps = "auto" if request.teacher_steps == AUTO_TEACHER else int(request.teacher_steps)
+    settings = {"teacher": {"steps": teacher_steps, "solver": TEACHER_SOLVER},
                 "seed": int(request.seed), "batch": int(request.calibration_batch), "methods": methods,
                 "given_sigmas": None if request.sigmas is None else [round(v, 6) for v in request.sigmas]}
     for name in methods:

@@ -6,6 +6,7 @@ run records, fits and compares is in the model's own space (where ComfyUI hands 
 teacher's states are recorded inside the sampler function, and `sample` returns what the sampler
 function returns, never the LATENT that ComfyUI makes of it.
 """
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -16,8 +17,15 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
+from ..optimizers.teacher import Trajectory, error_estimate, sample_teacher, steps_for, teacher_sigmas
 from .request import Plan
+
+AUTO_MAX_STEPS = 1000           # the longest teacher that teacher_steps auto takes
+
+
+def auto_start(steps) -> int:
+    """The first teacher length teacher_steps auto tries for a `steps`-step student."""
+    return max(48, 8 * steps)
 
 
 @dataclass
@@ -28,6 +36,7 @@ class CalibrationRun:
     negative: list
     latent: torch.Tensor            # one sample's latent, [1, C, H, W]
     teacher_seconds: float = 0.0
+    teacher_evaluations: int = 0    # batched model calls of every teacher run
     memo: dict = field(default_factory=dict, repr=False)    # what methods compute once per run and share
     rows: tuple | None = None       # a part of the calibration batch (a validation fold), or None: all of it
     _trajectory: Trajectory | None = field(default=None, repr=False)
@@ -94,20 +103,48 @@ class CalibrationRun:
 
     @property
     def trajectory(self) -> Trajectory:
-        """The teacher run (uniform in lambda, or through the given student sigmas), made once."""
+        """The teacher run (uniform in lambda, or through the given student sigmas), made once: teacher_steps long,
+        or for teacher_steps auto (0) first `auto_start` long (`settle_teacher` may make it longer)."""
         if self._trajectory is None:
-            given = self.sigmas if self.request.sigmas is not None else None
-            grid = teacher_sigmas(self.schedule, self.request.teacher_steps, through=given)
-            trajectory = Trajectory.for_budget(grid, self.request.calibration_batch * self.latent[0].numel())
-            start = time.perf_counter()
-            self.sample(sample_teacher, grid, schedule=self.schedule, trajectory=trajectory)
-            self.teacher_seconds = time.perf_counter() - start
-            for i, d in enumerate(trajectory.denoised):
-                if not torch.isfinite(d).all():
-                    raise ValueError(f"the model returned NaN or inf during calibration (teacher step {i}, sigma "
-                                     f"{float(grid[i]):.4g}): nothing was stored; check the model and its patches")
-            self._trajectory = trajectory
+            self.take_teacher(self.request.teacher_steps or auto_start(self.request.steps))
         return self._trajectory
+
+    def take_teacher(self, steps):
+        """Run the teacher for `steps` steps on the calibration noises and keep its trajectory."""
+        given = self.sigmas if self.request.sigmas is not None else None
+        grid = teacher_sigmas(self.schedule, steps, through=given)
+        trajectory = Trajectory.for_budget(grid, self.request.calibration_batch * self.latent[0].numel())
+        start = time.perf_counter()
+        self.sample(sample_teacher, grid, schedule=self.schedule, trajectory=trajectory)
+        self.teacher_seconds += time.perf_counter() - start
+        self.teacher_evaluations += len(grid) - 1
+        for i, d in enumerate(trajectory.denoised):
+            if not torch.isfinite(d).all():
+                raise ValueError(f"the model returned NaN or inf during calibration (teacher step {i}, sigma "
+                                 f"{float(grid[i]):.4g}): nothing was stored; check the model and its patches")
+        self._trajectory = trajectory
+
+    def settle_teacher(self, target, check_memory=None) -> dict:
+        """For teacher_steps auto: estimate the teacher's own error (`error_estimate`, from a run of 2/3 of its
+        steps, or from the shorter teacher it replaces) and lengthen it until the estimate is at most `target`
+        (by 1.5x to 2x a time, up to AUTO_MAX_STEPS; `check_memory(steps)` is called before a longer run). Returns {"steps",
+        "estimate", "target", "evaluations"} (the teacher's batched model calls, every run counted)."""
+        steps = len(self.trajectory.sigmas) - 1
+        shorter = math.ceil(2 * steps / 3)       # (half the steps can be too few for a stable third-order run)
+        coarse = self.sample(sample_teacher, teacher_sigmas(self.schedule, shorter), schedule=self.schedule).cpu()
+        self.teacher_evaluations += shorter
+        estimate = error_estimate(self.trajectory.final, coarse, steps, shorter)
+        while estimate > target and steps < AUTO_MAX_STEPS:
+            wanted = math.ceil(1.2 * steps_for(target, estimate, steps))      # between 1.5x and 2x this run
+            longer = min(AUTO_MAX_STEPS, max(steps * 3 // 2, min(2 * steps, wanted)))
+            if check_memory is not None:
+                check_memory(longer)
+            previous = self.trajectory.final
+            self._trajectory = None         # (the shorter run's states are let go before the longer run)
+            self.take_teacher(longer)
+            estimate = error_estimate(self.trajectory.final, previous, longer, steps)
+            steps = longer
+        return {"steps": steps, "estimate": estimate, "target": target, "evaluations": self.teacher_evaluations}
 
     def teacher_states(self, sigmas) -> list:
         """The teacher's state at each of `sigmas` (a fit's targets)."""

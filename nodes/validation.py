@@ -5,13 +5,20 @@ on the whole batch (its own choices included) and sampled on the other, against 
 error is the RMSE over both held-out halves. Its plain solver on the fit's sigmas (`Method.plain_tensors`;
 for OLSS's searched steps, sigmas chosen on the whole batch) is sampled on the whole batch. A fit that
 validates worse than its plain solver is stored as the plain solver. Built-in samplers are fitted on
-nothing, so their error on the calibration batch is already a validated one; `choose` picks the lowest of
-all within a budget of model evaluations.
+nothing, so their error on the calibration batch is already a validated one (`builtins`: every one-evaluation
+sampler on every scheduler, screened on a few noises first); `choose` picks the lowest of all within a budget
+of model evaluations.
 """
 import torch
 
+import comfy.model_management
+import comfy.samplers
+
 from ..optimizers.teacher import rmse
+from .builtins import ONE_EVALUATION, model_evaluations, schedules
 from .methods import METHODS
+
+SCREEN_KEEP = 6             # built-ins (sampler, scheduler) that go on from the screen to the whole batch
 
 
 def validate(name, run, tensors):
@@ -46,3 +53,35 @@ def choose(candidates, evaluations):
     if not within:
         raise ValueError(f"no validated method or built-in sampler spends at most {evaluations} model evaluations")
     return min(within, key=lambda label: within[label]["rmse"])
+
+
+def builtins(run):
+    """({label: {"rmse", "sampler", "scheduler", "sigmas", "evaluations"}}, {label: final x}) of the built-in
+    samplers `auto` chooses from, on the calibration batch at the request's steps: every ONE_EVALUATION sampler on
+    every scheduler that gives those steps is screened on the first eighth of the noises (one of 8), and the
+    SCREEN_KEEP best of them are run on the rest, so their errors are over the whole batch. The final x are kept
+    (on the host) so the errors can be measured again against a longer teacher without a model call."""
+    ms = run.model.get_model_object("model_sampling")
+    screen_rows = list(range(max(1, run.batch // 8)))
+    rest_rows = list(range(len(screen_rows), run.batch))
+    screen, rest = run.subset(screen_rows, states=False), run.subset(rest_rows, states=False) if rest_rows else None
+    screened = {}
+    for name in ONE_EVALUATION:
+        sampler = comfy.samplers.sampler_object(name)
+        for scheduler, sigmas in schedules(ms, run.request.steps, name).items():
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            x = screen.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options).cpu()
+            screened[f"{name} / {scheduler}"] = (rmse(x, screen.trajectory.final), name, scheduler, sigmas, x)
+    kept = sorted(screened, key=lambda label: screened[label][0])[:SCREEN_KEEP]
+    candidates, finals = {}, {}
+    for label in kept:
+        _, name, scheduler, sigmas, x = screened[label]
+        if rest is not None:
+            sampler = comfy.samplers.sampler_object(name)
+            x = torch.cat([x, rest.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options).cpu()])
+        finals[label] = x
+        candidates[label] = {"rmse": rmse(x, run.trajectory.final), "sampler": name, "scheduler": scheduler,
+                             "sigmas": sigmas.double().tolist(), "evaluations": model_evaluations(name, run.request.steps)}
+    screen_calls = len(screened) * run.request.steps * len(screen_rows) / run.batch
+    kept_calls = len(kept) * run.request.steps * len(rest_rows) / run.batch
+    return candidates, finals, screen_calls + kept_calls

@@ -299,7 +299,7 @@ def ddim_coefficients(schedule: NoiseSchedule, sigmas):
     weights_d = torch.zeros(n, n, dtype=torch.float64)
     previous_x, previous_d = 1.0, torch.zeros(n, dtype=torch.float64)
     for i in range(n):
-        a, b, _ = step_coefficients(schedule, sigmas[i:i + 2])[0]
+        a, (b,) = step_coefficients(schedule, sigmas[i:i + 2])[0]
         weights_x[i] = a * previous_x
         weights_d[i] = a * previous_d
         weights_d[i, i] = b

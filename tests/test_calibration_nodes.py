@@ -12,7 +12,8 @@ from calibrated_samplers.nodes.samplers import node_for
 from calibrated_samplers.optimizers.calibration import CalibrationMismatch
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
 from comfy_extras.nodes_custom_sampler import SamplerCustom
-from calibrated_samplers.nodes.builtins import SHORTLIST
+from calibrated_samplers.nodes.builtins import ONE_EVALUATION, schedules
+from calibrated_samplers.nodes.validation import SCREEN_KEEP
 from calibrated_samplers.nodes.methods import ALL, METHODS
 from tinymodels import gmm
 
@@ -57,21 +58,24 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert calibration.methods == sorted(ALL) and calibration.steps == 4
     # every model call is accounted for: the teacher's, each fit's own (OLSS: per candidate schedule, a run with
     # the teacher fit and two cross-validation refits, then the chosen refit; IIA fitted to the teacher: one
-    # run), and the report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1) and 5
-    # built-ins, 4 steps
+    # run), the report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1), and the built-ins:
+    # every one-evaluation sampler on every scheduler giving 4 steps, on one noise, then the SCREEN_KEEP best on
+    # the others (4 steps each)
     own = sum(calibration.diagnostics[m]["evaluations"] for m in ALL)
     olss_fit = calibration.diagnostics["olss"]
     assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"])
     assert calibration.diagnostics["iia_ddim"]["evaluations"] == 4
     assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
-    report = sum(calibration.evaluations.values()) + len(SHORTLIST) * 4
+    ms = model.get_model_object("model_sampling")
+    screened = sum(len(schedules(ms, 4, name)) for name in ONE_EVALUATION)
+    report = sum(calibration.evaluations.values()) + (screened + SCREEN_KEEP) * 4
     # validation: per method its plain solver on the batch, then on each half a fit and a run on the other half
     validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in ALL)
     assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m]
                for m in ALL)
     assert len(calls) == 120 + own + report + validation and teacher_latent["samples"].shape == (6, 4, 8, 8)
-    assert set(calibration.diagnostics["calibration_batch"]) == set(ALL) | {
-        f"{name} / karras" for name in SHORTLIST}
+    builtins = set(calibration.diagnostics["calibration_batch"]) - set(ALL)
+    assert len(builtins) == SCREEN_KEEP and builtins <= set(calibration.diagnostics["validated"])
     assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
     # OLSS keeps the candidate (schedule, teacher fit or cross-validated refit) that came closest to the
     # teacher; a kept teacher fit's stored coefficients replay its run
@@ -328,3 +332,29 @@ def test_calibrated_time_steps_lower_the_samplers_error_and_sample_as_the_built_
     other = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "beta", 4)
     with pytest.raises(ValueError, match="fitted for the 4-step sigmas"):
         _sample(model, node_for("time_steps").execute(calibration).result[0], other)
+
+
+def test_teacher_steps_auto_takes_the_teacher_its_students_need(model, monkeypatch):
+    """teacher_steps 0 (auto): the teacher is lengthened until its estimated error is at most 1/TEACHER_MARGIN of
+    the best built-in's at the student's steps; that estimate holds against a long teacher, the length and the
+    estimate are stored, every teacher run is counted, and a stricter need takes a longer teacher."""
+    from calibrated_samplers.nodes import calibrate
+    from calibrated_samplers.nodes.report import teacher_line
+    from calibrated_samplers.nodes.run import auto_start
+    long = _calibrate(model, steps=4, teacher_steps=1000, method="iia_ddim", cfg=5.0)[1]
+    teachers = {}
+    for margin in (20, 2000):
+        monkeypatch.setattr(calibrate, "TEACHER_MARGIN", margin)
+        calibration, teacher_latent, _ = _calibrate(model, steps=4, teacher_steps=0, method="iia_ddim", cfg=5.0,
+                                                    refit=True)
+        teacher = calibration.diagnostics["teacher"]
+        assert calibration.settings["teacher"]["steps"] == "auto"
+        best = min(entry["rmse"] for label, entry in calibration.diagnostics["validated"].items() if "sampler" in entry)
+        assert teacher["target"] == pytest.approx(best / margin, rel=0.2)
+        assert teacher["estimate"] <= teacher["target"] and teacher["steps"] >= auto_start(4)
+        assert teacher["evaluations"] >= teacher["steps"] + auto_start(4) * 2 // 3
+        error = float((teacher_latent["samples"] - long["samples"]).pow(2).mean().sqrt())
+        assert error <= teacher["estimate"] * 1.5, (error, teacher)
+        teachers[margin] = teacher
+        assert teacher_line(calibration.diagnostics) == f" ({teacher['steps']} steps, its error ~{teacher['estimate']:.1e})"
+    assert teachers[20]["steps"] == auto_start(4) < teachers[2000]["steps"], teachers

@@ -1,11 +1,13 @@
-"""The teacher solver: ComfyUI runs it as a sampler; it is second order and records what fits need."""
+"""The teacher solver: ComfyUI runs it as a sampler; it is third order, estimates its own error and records what
+fits need."""
 import pytest
 import torch
 
 import comfy.sample
 import comfy.samplers
 from calibrated_samplers.optimizers.coordinates import NoiseSchedule
-from calibrated_samplers.optimizers.teacher import Trajectory, sample_teacher, teacher_sigmas
+from calibrated_samplers.optimizers import teacher
+from calibrated_samplers.optimizers.teacher import Trajectory, rmse, sample_teacher, teacher_sigmas
 from tinymodels import gmm
 
 
@@ -36,22 +38,35 @@ def test_teacher_grid(setup):
         teacher_sigmas(schedule, 1)
 
 
-def test_teacher_converges_at_second_order(setup):
+def test_teacher_is_more_accurate_than_second_order_and_estimates_its_error(setup):
+    """DPM-Solver++(3M) against (2M) at the same steps, and Richardson's estimate against the measured error."""
     model, schedule, noise = setup
-    runs = {n: _run(model, schedule, teacher_sigmas(schedule, n), noise) for n in (50, 100, 400)}
-    err50 = (runs[50] - runs[400]).pow(2).mean().sqrt()
-    err100 = (runs[100] - runs[400]).pow(2).mean().sqrt()
-    assert 2.8 < err50 / err100 < 6, (err50, err100)   # about 4 (h^2), corrected for the reference's own error
+    reference = _run(model, schedule, teacher_sigmas(schedule, 2000), noise)
+    third = {n: _run(model, schedule, teacher_sigmas(schedule, n), noise) for n in (30, 60, 120)}
+    capped = teacher.step_coefficients
+    try:
+        teacher.step_coefficients = lambda schedule, sigmas, order=3: capped(schedule, sigmas, 2)
+        second = {n: _run(model, schedule, teacher_sigmas(schedule, n), noise) for n in (60, 120)}
+    finally:
+        teacher.step_coefficients = capped
+    error = {n: rmse(x, reference) for n, x in third.items()}
+    for n in (60, 120):
+        assert error[n] < rmse(second[n], reference) / 3, n
+        estimate = teacher.error_estimate(third[n], third[n // 2], n, n // 2)
+        assert error[n] < estimate < 4 * error[n], (n, error[n], estimate)
+    assert teacher.steps_for(error[120], error[60], 60) > 60
 
 
-def test_teacher_is_comfyui_dpmpp_2m_for_variance_exploding_models():
-    """On an EPS model (lambda = -log sigma) our step is exactly ComfyUI's dpmpp_2m."""
-    model = gmm.build_model("eps")
+@pytest.mark.parametrize("family", ["eps", "flow"])
+def test_teacher_is_comfyui_dpmpp_3m_without_noise(family):
+    """Our step is exactly ComfyUI's dpmpp_3m_sde with eta 0 (which also steps in the family's lambda)."""
+    model = gmm.build_model(family)
     schedule = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 12)
+    # (from below sigma 1: at a flow model's sigma 1, ComfyUI offsets the sigma where we step at first order)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 12)[1:]
     ours = _run(model, schedule, sigmas, noise)
-    theirs = _run(model, schedule, sigmas, noise, sampler=comfy.samplers.sampler_object("dpmpp_2m"))
+    theirs = _run(model, schedule, sigmas, noise, sampler=comfy.samplers.ksampler("dpmpp_3m_sde", {"eta": 0.0}))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
