@@ -152,7 +152,7 @@ def calibrated_runs(case, nfe):
 
 
 def auto_runs(case, nfe):
-    """KSampler (Calibrated)'s `auto` at its defaults (scheduler karras, sampler_name euler): every method fitted
+    """KSampler (Calibrated)'s `auto` at its defaults (scheduler auto, sampler_name euler): every method fitted
     and validated by the node's own code on each calibration batch, then the lowest validated error among them
     and the built-in shortlist within nfe evaluations, sampled on the held-out noise. Each method's validated
     error is recorded beside its held-out one (VALIDATION)."""
@@ -162,7 +162,7 @@ def auto_runs(case, nfe):
     from calibrated_samplers.nodes.methods import METHODS as REGISTRY
     from calibrated_samplers.nodes.validation import choose
     for batch in CALIBRATION_BATCHES:
-        run = _calibration_run(case, batch, nfe)
+        run = _calibration_run(case, batch, nfe, "auto")
         start = time.perf_counter()
         with torch.inference_mode():
             calibration = fit(run, tuple(case.noise.shape[1:]))
@@ -192,12 +192,22 @@ def auto_runs(case, nfe):
 METHODS = [trust_region_runs, calibrated_runs, auto_runs]
 
 
+HELD_OUT_LABELS = ["calibration"]      # --held-out-labels
+
+
+def held_out_labels(batch):
+    """The held-out noises' class labels: new seeds for the prompts the calibration saw (the labels of its smallest
+    batch, cycled: "calibration"), or every class, some of them never calibrated on ("all": prompts it did not see)."""
+    classes = 10 if HELD_OUT_LABELS[0] == "all" else min(10, min(CALIBRATION_BATCHES))
+    return torch.arange(batch) % classes
+
+
 def run(models, nfes, cfgs, batch, teacher_steps, save=None):
     evaluations = evaluations_per_interval(max(nfes) + 4)
     records, teachers = [], {}
     for name in models:
         for cfg in cfgs:
-            case = common.Case.make(name, cfg, batch)
+            case = common.Case.make(name, cfg, batch, labels=held_out_labels(batch))
             start = time.perf_counter()
             teacher = case.reference = case.teacher(teacher_steps)
             teacher_seconds = time.perf_counter() - start
@@ -308,6 +318,8 @@ def main():
     parser.add_argument("--iia-substeps", nargs="+", type=int, default=IIA_SUBSTEPS, help="M of the IIA fits")
     parser.add_argument("--iia-targets", nargs="+", default=IIA_TARGETS, choices=IIA_TARGETS,
                         help="fit IIA to the teacher's states, to M sub-steps, or both")
+    parser.add_argument("--held-out-labels", default="calibration", choices=["calibration", "all"],
+                        help="held-out prompts (class labels): those the calibration saw (new seeds only), or all ten")
     parser.add_argument("--quick", action="store_true", help="gmm_eps and digits_flow, guided only")
     parser.add_argument("--out", default=str(common.RESULTS / "quality"))
     args = parser.parse_args()
@@ -316,6 +328,7 @@ def main():
     IIA_TARGETS[:] = args.iia_targets
     CALIBRATED[:] = args.methods
     CALIBRATION_TEACHER_STEPS[:] = [args.teacher_steps]
+    HELD_OUT_LABELS[:] = [args.held_out_labels]
     if args.quick:
         args.models, args.cfg = ["gmm_eps", "digits_flow"], [3.0]
     start = time.perf_counter()

@@ -16,11 +16,12 @@ from ..optimizers.teacher import rmse
 from . import memory, store
 from .fingerprint import model_fingerprint
 from .methods import METHODS
-from .request import AUTO_TEACHER, Request, plan
+from .request import AUTO_SCHEDULER, AUTO_TEACHER, Request, plan
 from .run import CalibrationRun
 from .validation import builtins, choose, validate
 
 TEACHER_MARGIN = 20            # teacher_steps auto: the teacher's error at most the best built-in's / 20
+SCHEDULER_TRIES = 2            # scheduler auto: the schedules a method that keeps one is fitted on
 
 
 def calibrate(model, positive, negative, latent, request: Request, refit=False):
@@ -50,38 +51,57 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
 def fit(run, latent_shape, check_memory=None) -> Calibration:
     """Every requested method fitted on the run, validated on the noises it was not fitted on (falling back to its
     plain solver where that validates better), beside the built-in samplers on the calibration batch
-    (`diagnostics["validated"]`: what `validation.choose` picks from). With teacher_steps auto, the teacher is
-    first made long enough that its estimated error is at most 1/TEACHER_MARGIN of the best built-in's
-    (`diagnostics["teacher"]`); `check_memory(teacher_steps)` is called before a longer teacher run."""
+    (`diagnostics["validated"]`: what `validation.choose` picks from).
+
+    With teacher_steps auto, the teacher is first made long enough that its estimated error is at most
+    1/TEACHER_MARGIN of the best built-in's (`diagnostics["teacher"]`); `check_memory(teacher_steps)` is called
+    before a longer teacher run. With scheduler auto, a method that keeps a schedule is fitted on each of the
+    SCHEDULER_TRIES schedulers where its plain sampler screened best, and keeps the one that validates best
+    (`diagnostics[method]["scheduler"]`); the others sample on the scheduler where euler screened best."""
     request, p = run.request, run.plan
-    diagnostics, candidates = {}, {}
+    diagnostics, screen = {}, None
     if request.needs_teacher:
-        candidates, finals, calls = builtins(run)
+        screen = run.builtins = builtins(run)
         if request.teacher_steps == AUTO_TEACHER:
-            best = min(entry["rmse"] for entry in candidates.values())
+            best = min(entry["rmse"] for entry in screen.candidates.values())
             diagnostics["teacher"] = run.settle_teacher(best / TEACHER_MARGIN, check_memory)
-            for label, x in finals.items():         # measured again against the teacher kept
-                candidates[label]["rmse"] = rmse(x, run.trajectory.final)
+            for label, x in screen.finals.items():         # measured again against the teacher kept
+                screen.candidates[label]["rmse"] = rmse(x, run.trajectory.final)
         else:
             diagnostics["teacher"] = {"steps": request.teacher_steps, "evaluations": run.teacher_evaluations}
-        diagnostics["builtins_evaluations"] = calls
-    fits = {}
+        diagnostics["builtins_evaluations"] = screen.evaluations
+    auto = screen is not None and request.sigmas is None and request.scheduler == AUTO_SCHEDULER
+    if auto:
+        run = run.with_scheduler(screen.schedulers_for("euler", 1, p.schedule.sigma_max)[0])
+    fits, evaluations, validated = {}, {}, {}
     for name in p.methods:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        fits[name], diagnostics[name] = METHODS[name].fit(run)
-    evaluations = {name: METHODS[name].evaluations(request.steps, p.settings) for name in fits}
-    if run.has_teacher:
-        validated = {}
-        for name in fits:
+        method = METHODS[name]
+        evaluations[name] = method.evaluations(request.steps, p.settings)
+        tries = [run]
+        if auto and "scheduler" in method.follows:
+            tries = [run.with_scheduler(scheduler) for scheduler in
+                     screen.schedulers_for(method.plain_sampler(p.settings), SCHEDULER_TRIES, p.schedule.sigma_max)]
+        tried = {}
+        for attempt in tries:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            fits[name], check = validate(name, run, fits[name])
-            diagnostics[name]["validation"] = check
-            if check is not None:
-                validated[name] = {"rmse": check["rmse" if check["kept"] == "fit" else "plain_rmse"],
-                                   "evaluations": evaluations[name], "method": name}
+            tensors, facts = method.fit(attempt)
+            check = None
+            if attempt.has_teacher:
+                tensors, check = validate(name, attempt, tensors)
+                facts["validation"] = check
+                tried[attempt.scheduler_name] = check and check["kept_rmse"]
+            if name not in fits or (check and check["kept_rmse"] < diagnostics[name]["validation"]["kept_rmse"]):
+                fits[name], diagnostics[name] = tensors, facts
+        if len(tries) > 1:
+            diagnostics[name]["schedulers_tried"] = tried
+        check = diagnostics[name].get("validation")
+        if check is not None:
+            validated[name] = {"rmse": check["kept_rmse"], "evaluations": evaluations[name], "method": name}
+    if run.has_teacher:
         diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
-        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations, candidates)
-        diagnostics["validated"] = {**validated, **candidates}
+        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations, screen.candidates,
+                                                                    diagnostics)
+        diagnostics["validated"] = {**validated, **screen.candidates}
     return Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
                        latent_shape=latent_shape, steps=request.steps, settings=p.settings, fits=fits,
                        evaluations=evaluations, diagnostics=diagnostics)
@@ -101,14 +121,22 @@ def chosen_sampler(calibration, steps):
     return comfy.samplers.sampler_object(entry["sampler"]), torch.tensor(entry["sigmas"], dtype=torch.float32), label
 
 
-def calibration_batch_errors(run, fits, evaluations, builtins):
+def calibration_batch_errors(run, fits, evaluations, builtins, diagnostics):
     """{label: {"rmse": against the teacher's final x, "evaluations": per sample}} on the calibration noises, for
     each fitted method and the built-ins (`validation.builtins`, measured already): what calibration bought, in
-    sample."""
+    sample. A run made already is not made again: a fit stored as its plain solver has validation's error of that
+    solver on the batch, and a fit whose own diagnostics hold its error on the batch ("rmse") keeps it."""
     final = run.trajectory.final
     errors = {}
     for name, tensors in fits.items():
-        errors[name] = {"rmse": rmse(run.sample_fit(METHODS[name], tensors), final), "evaluations": evaluations[name]}
+        check = diagnostics[name].get("validation") or {}
+        if check.get("kept") == "plain":
+            error = check["plain_rmse"]
+        elif "rmse" in diagnostics[name]:
+            error = diagnostics[name]["rmse"]
+        else:
+            error = rmse(run.sample_fit(METHODS[name], tensors), final)
+        errors[name] = {"rmse": error, "evaluations": evaluations[name]}
     return {**errors, **builtins}
 
 

@@ -9,12 +9,18 @@ from . import CATEGORY, CalibrationType, store
 from .builtins import DETERMINISTIC_SAMPLERS
 from .calibrate import calibrate, method_sigmas
 from .methods import METHODS
-from .request import Request
+from .request import AUTO_SCHEDULER, SCHEDULERS, Request
 
 
 TEACHER_STEPS_TOOLTIP = ("Steps of the accurate teacher run (third order) that the methods fit to. 0 (auto): as "
                          "few as make its estimated error at most 1/20 of the best built-in sampler's at these steps "
                          "(the calibration's diagnostics and report show the length and the estimate).")
+
+
+SCHEDULER_TOOLTIP = ("Student sigmas. auto: every scheduler is tried with the built-in samplers on calibration "
+                     "noises, and each method that keeps a schedule is fitted on the two where its plain sampler "
+                     "did best and keeps the one that validates best (in KSampler (Calibrated), auto takes the "
+                     "calibration's choice). Sigmas")
 
 
 def method_tooltip(prefix=""):
@@ -69,8 +75,8 @@ class CalibrateSampler(io.ComfyNode):
                              tooltip="Noise samples the fit sees. More generalizes better; memory grows with it."),
                 io.Combo.Input("method", options=["all", *METHODS], default="all",
                                tooltip=method_tooltip("Which methods to fit; 'all' fits every one. ")),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
-                               tooltip=follows_tooltip("scheduler", "Student sigmas")),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default=AUTO_SCHEDULER,
+                               tooltip=follows_tooltip("scheduler", SCHEDULER_TOOLTIP)),
                 io.Combo.Input("sampler_name", options=DETERMINISTIC_SAMPLERS, default="euler",
                                tooltip=follows_tooltip("sampler_name", "The built-in sampler")),
                 io.Sigmas.Input("sigmas", optional=True,
@@ -89,7 +95,7 @@ class CalibrateSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, cfg, steps, teacher_steps, calibration_batch,
-                method, scheduler="karras", sampler_name="euler", sigmas=None, refit=False, **options) -> io.NodeOutput:
+                method, scheduler=AUTO_SCHEDULER, sampler_name="euler", sigmas=None, refit=False, **options) -> io.NodeOutput:
         request = Request.from_inputs(method, sigmas, seed=seed, cfg=cfg, steps=steps, teacher_steps=teacher_steps,
                                       calibration_batch=calibration_batch, scheduler=scheduler,
                                       sampler_name=sampler_name, **options)

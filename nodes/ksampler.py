@@ -13,10 +13,10 @@ from . import CATEGORY, CalibrationType
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import DETERMINISTIC_SAMPLERS
 from .calibrate import calibrate, checked_sampler, chosen_sampler, method_sigmas
-from .calibration import TEACHER_STEPS_TOOLTIP, follows_tooltip, latent_samples, method_tooltip
+from .calibration import SCHEDULER_TOOLTIP, TEACHER_STEPS_TOOLTIP, follows_tooltip, latent_samples, method_tooltip
 from .fingerprint import model_fingerprint
 from .methods import METHODS
-from .request import Request, check_number
+from .request import AUTO_SCHEDULER, SCHEDULERS, Request, check_number
 
 
 AUTO = "auto"
@@ -43,8 +43,8 @@ class CalibratedKSampler(io.ComfyNode):
                                tooltip="Guidance scale; a calibration is valid for the cfg it was fitted at."),
                 io.Combo.Input("sampler_name", options=DETERMINISTIC_SAMPLERS, default="euler",
                                tooltip=follows_tooltip("sampler_name", "The built-in sampler")),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
-                               tooltip=follows_tooltip("scheduler", "Student sigmas")),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default=AUTO_SCHEDULER,
+                               tooltip=follows_tooltip("scheduler", SCHEDULER_TOOLTIP)),
                 io.Conditioning.Input("positive", tooltip="What to include in the image."),
                 io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
                 io.Latent.Input("latent_image", tooltip="The empty latent to denoise (sets size and batch)."),

@@ -20,6 +20,8 @@ from .fingerprint import model_fingerprint
 from .methods import ALL, METHODS, NotApplicable
 
 TEACHER_SOLVER = "dpmpp_3m_lambda"
+AUTO_SCHEDULER = "auto"         # scheduler auto: each method that keeps a schedule tries the best built-in ones
+SCHEDULERS = [AUTO_SCHEDULER, *comfy.samplers.SCHEDULER_NAMES]
 AUTO_TEACHER = 0                # teacher_steps 0: as long as the student needs (`CalibrationRun.settle_teacher`)
 
 
@@ -97,10 +99,10 @@ def plan(model, latent_shape, request: Request) -> Plan:
         if len(student) - 1 != request.steps:
             raise ValueError(f"sigmas: {len(student) - 1} steps given, but steps is {request.steps}; make them agree")
     else:
-        if request.scheduler not in comfy.samplers.SCHEDULER_NAMES:
-            raise ValueError(f"scheduler {request.scheduler!r}: expected one of "
-                             f"{', '.join(comfy.samplers.SCHEDULER_NAMES)}")
-        student = ksampler_sigmas(ms, request.scheduler, request.steps).double()
+        if request.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {request.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        provisional = "karras" if request.scheduler == AUTO_SCHEDULER else request.scheduler
+        student = ksampler_sigmas(ms, provisional, request.steps).double()
         if len(student) - 1 != request.steps:
             raise ValueError(f"scheduler {request.scheduler} gives {len(student) - 1} steps for steps "
                              f"{request.steps}: choose another steps or scheduler, or connect sigmas")

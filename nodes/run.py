@@ -6,6 +6,7 @@ run records, fits and compares is in the model's own space (where ComfyUI hands 
 teacher's states are recorded inside the sampler function, and `sample` returns what the sampler
 function returns, never the LATENT that ComfyUI makes of it.
 """
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import comfy.utils
 import latent_preview
 
 from ..optimizers.teacher import Trajectory, error_estimate, sample_teacher, steps_for, teacher_sigmas
-from .request import Plan
+from .builtins import ksampler_sigmas
+from .request import AUTO_SCHEDULER, Plan
 
 AUTO_MAX_STEPS = 1000           # the longest teacher that teacher_steps auto takes
 
@@ -39,6 +41,8 @@ class CalibrationRun:
     teacher_evaluations: int = 0    # batched model calls of every teacher run
     memo: dict = field(default_factory=dict, repr=False)    # what methods compute once per run and share
     rows: tuple | None = None       # a part of the calibration batch (a validation fold), or None: all of it
+    scheduler: str | None = None    # the scheduler a method samples on here, for scheduler auto (`with_scheduler`)
+    builtins: object = None         # the built-in samplers on the calibration batch (`validation.builtins`), if made
     _trajectory: Trajectory | None = field(default=None, repr=False)
 
     @property
@@ -55,7 +59,11 @@ class CalibrationRun:
                           [d[rows] for d in full.denoised] if states else [], full.final[rows])
         return CalibrationRun(model=self.model, plan=self.plan, positive=_rows_of(self.positive, rows, self.batch),
                               negative=_rows_of(self.negative, rows, self.batch), latent=self.latent,
-                              rows=tuple(rows), _trajectory=part)
+                              rows=tuple(rows), scheduler=self.scheduler, builtins=self.builtins, _trajectory=part)
+
+    def with_scheduler(self, scheduler):
+        """This run (its teacher, noises and shared memo) with the student sigmas of `scheduler`."""
+        return dataclasses.replace(self, scheduler=scheduler)
 
     @property
     def request(self):
@@ -66,9 +74,18 @@ class CalibrationRun:
         return self.plan.schedule
 
     @property
+    def scheduler_name(self) -> str:
+        """The scheduler of the student sigmas: this run's (`with_scheduler`), else the request's (karras for
+        scheduler auto before a choice)."""
+        return self.scheduler or (self.request.scheduler if self.request.scheduler != AUTO_SCHEDULER else "karras")
+
+    @property
     def sigmas(self) -> torch.Tensor:
         """The student sigmas (given, or the scheduler's for KSampler's steps), float64."""
-        return self.plan.sigmas
+        if self.request.sigmas is not None or self.scheduler is None:
+            return self.plan.sigmas
+        return ksampler_sigmas(self.model.get_model_object("model_sampling"), self.scheduler,
+                               self.request.steps).double()
 
     def sample(self, function, sigmas, **options):
         """Final x of `function` run as a KSAMPLER inside ComfyUI's sampling call, on the calibration

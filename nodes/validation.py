@@ -9,6 +9,8 @@ nothing, so their error on the calibration batch is already a validated one (`bu
 sampler on every scheduler, screened on a few noises first); `choose` picks the lowest of all within a budget
 of model evaluations.
 """
+from dataclasses import dataclass
+
 import torch
 
 import comfy.model_management
@@ -22,7 +24,8 @@ SCREEN_KEEP = 6             # built-ins (sampler, scheduler) that go on from the
 
 
 def validate(name, run, tensors):
-    """(tensors to store: the fit's or its plain solver's, {"rmse", "plain_rmse", "kept", "evaluations"}) for
+    """(tensors to store: the fit's or its plain solver's, {"rmse", "plain_rmse", "kept", "kept_rmse",
+    "evaluations"}) for
     method `name` fitted as `tensors` on the whole of `run`; (tensors, None) where the batch has fewer than 2
     noises. "evaluations": the batched model calls validation made (half-batch calls for the folds)."""
     method = METHODS[name]
@@ -43,7 +46,7 @@ def validate(name, run, tensors):
     validated = rmse(torch.cat(held), torch.cat(teacher))
     kept = "fit" if validated <= plain_rmse else "plain"
     return (tensors if kept == "fit" else plain), {"rmse": validated, "plain_rmse": plain_rmse, "kept": kept,
-                                                   "evaluations": calls}
+                                                   "kept_rmse": min(validated, plain_rmse), "evaluations": calls}
 
 
 def choose(candidates, evaluations):
@@ -55,33 +58,53 @@ def choose(candidates, evaluations):
     return min(within, key=lambda label: within[label]["rmse"])
 
 
-def builtins(run):
-    """({label: {"rmse", "sampler", "scheduler", "sigmas", "evaluations"}}, {label: final x}) of the built-in
-    samplers `auto` chooses from, on the calibration batch at the request's steps: every ONE_EVALUATION sampler on
-    every scheduler that gives those steps is screened on the first eighth of the noises (one of 8), and the
-    SCREEN_KEEP best of them are run on the rest, so their errors are over the whole batch. The final x are kept
-    (on the host) so the errors can be measured again against a longer teacher without a model call."""
+@dataclass
+class BuiltinScreen:
+    """The built-in samplers on the calibration batch (`builtins`)."""
+    candidates: dict            # {label: {"rmse", "sampler", "scheduler", "sigmas", "evaluations"}}: the kept ones
+    finals: dict                # {label: final x of a kept one, on the host}
+    screened: dict              # {(sampler, scheduler): RMSE on the screening noises}, for every one run
+    starts: dict                # {scheduler: its first sigma}
+    evaluations: float          # model calls, in calls on the whole batch
+
+    def schedulers_for(self, sampler, count, sigma_max):
+        """The `count` schedulers (starting at `sigma_max`) on which `sampler` screened best (euler's ranking for a
+        sampler not screened; ComfyUI's ddim is euler)."""
+        sampler = sampler if any(name == sampler for name, _ in self.screened) else "euler"
+        ranked = sorted((error, scheduler) for (name, scheduler), error in self.screened.items()
+                        if name == sampler and self.starts[scheduler] >= sigma_max * (1 - 1e-3))
+        return [scheduler for _, scheduler in ranked[:count]]
+
+
+def builtins(run) -> BuiltinScreen:
+    """The built-in samplers `auto` chooses from, on the calibration batch at the request's steps: every
+    ONE_EVALUATION sampler on every scheduler that gives those steps is screened on the first eighth of the
+    noises (one of 8), and the SCREEN_KEEP best of them are run on the rest, so their errors are over the whole
+    batch. The final x are kept (on the host) so the errors can be measured again against a longer teacher
+    without a model call."""
     ms = run.model.get_model_object("model_sampling")
     screen_rows = list(range(max(1, run.batch // 8)))
     rest_rows = list(range(len(screen_rows), run.batch))
     screen, rest = run.subset(screen_rows, states=False), run.subset(rest_rows, states=False) if rest_rows else None
-    screened = {}
+    screened, starts = {}, {}
     for name in ONE_EVALUATION:
         sampler = comfy.samplers.sampler_object(name)
         for scheduler, sigmas in schedules(ms, run.request.steps, name).items():
             comfy.model_management.throw_exception_if_processing_interrupted()
             x = screen.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options).cpu()
-            screened[f"{name} / {scheduler}"] = (rmse(x, screen.trajectory.final), name, scheduler, sigmas, x)
-    kept = sorted(screened, key=lambda label: screened[label][0])[:SCREEN_KEEP]
+            screened[(name, scheduler)] = (rmse(x, screen.trajectory.final), sigmas, x)
+            starts[scheduler] = float(sigmas[0])
+    kept = sorted(screened, key=lambda key: screened[key][0])[:SCREEN_KEEP]
     candidates, finals = {}, {}
-    for label in kept:
-        _, name, scheduler, sigmas, x = screened[label]
+    for name, scheduler in kept:
+        _, sigmas, x = screened[(name, scheduler)]
         if rest is not None:
             sampler = comfy.samplers.sampler_object(name)
             x = torch.cat([x, rest.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options).cpu()])
+        label = f"{name} / {scheduler}"
         finals[label] = x
         candidates[label] = {"rmse": rmse(x, run.trajectory.final), "sampler": name, "scheduler": scheduler,
                              "sigmas": sigmas.double().tolist(), "evaluations": model_evaluations(name, run.request.steps)}
-    screen_calls = len(screened) * run.request.steps * len(screen_rows) / run.batch
-    kept_calls = len(kept) * run.request.steps * len(rest_rows) / run.batch
-    return candidates, finals, screen_calls + kept_calls
+    steps = run.request.steps
+    evaluations = (len(screened) * len(screen_rows) + len(kept) * len(rest_rows)) * steps / run.batch
+    return BuiltinScreen(candidates, finals, {key: value[0] for key, value in screened.items()}, starts, evaluations)

@@ -34,9 +34,9 @@ def _count(calls):
     return post_cfg
 
 
-def _calibrate(model, steps=4, teacher_steps=120, batch=6, method="all", cfg=CFG, **options):
+def _calibrate(model, steps=4, teacher_steps=120, batch=6, method="all", cfg=CFG, scheduler="karras", **options):
     return CalibrateSampler.execute(model, gmm.conditioning([3]), gmm.null_conditioning(), EMPTY, 0, cfg, steps,
-                                    teacher_steps, batch, method, **options).result
+                                    teacher_steps, batch, method, scheduler=scheduler, **options).result
 
 
 def _sample(model, sampler, sigmas, seed=10_000, batch=4, cfg=CFG):
@@ -68,7 +68,12 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
     ms = model.get_model_object("model_sampling")
     screened = sum(len(schedules(ms, 4, name)) for name in ONE_EVALUATION)
-    report = sum(calibration.evaluations.values()) + (screened + SCREEN_KEEP) * 4
+    # (a fit's run on the batch is not made again where its fit or validation made it: OLSS's chosen candidate, a
+    # fit stored as its plain solver)
+    again = [m for m in ALL if "rmse" not in calibration.diagnostics[m]
+             and calibration.diagnostics[m]["validation"]["kept"] == "fit"]
+    assert "olss" not in again and "iia_ddim" in again or calibration.diagnostics["iia_ddim"]["validation"]["kept"] == "plain"
+    report = sum(calibration.evaluations[m] for m in again) + (screened + SCREEN_KEEP) * 4
     # validation: per method its plain solver on the batch, then on each half a fit and a run on the other half
     validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in ALL)
     assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m]
@@ -315,17 +320,23 @@ def test_auto_chooses_a_built_in_when_every_fit_validates_worse(model, calibrati
 
 
 def test_calibrated_time_steps_lower_the_samplers_error_and_sample_as_the_built_in(model):
-    """Calibrated time steps: the built-in sampler's interior sigmas fitted to the teacher from the trust-region
-    schedule; never worse than that start on the calibration batch, endpoints kept, and its sampler node is the
-    built-in sampler itself (checked)."""
+    """Calibrated time steps: the built-in sampler's interior sigmas fitted to the teacher from the better of the
+    trust-region schedule and the scheduler where that sampler screened best; never worse than that start on the
+    calibration batch, endpoints kept, the start stored (its plain form), and its sampler node is the built-in
+    sampler itself (checked)."""
+    from calibrated_samplers.nodes.builtins import ksampler_sigmas
     from calibrated_samplers.nodes.methods.time_steps import start_sigmas
     calibration = _calibrate(model, method="time_steps", sampler_name="dpmpp_2m")[0]
     facts = calibration.diagnostics["time_steps"]
-    assert facts["rmse"] <= facts["start_rmse"] and facts["evaluations"] > 4
+    starts = facts["starts_rmse"]
+    assert len(starts) == 2 and "trust region" in starts and facts["start"] == min(starts, key=starts.get)
+    assert facts["rmse"] <= facts["start_rmse"] == pytest.approx(min(starts.values())) and facts["evaluations"] > 8
     sigmas = CalibrationSigmas.execute(calibration, "time_steps").result[0]
     schedule = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
-    start = start_sigmas(schedule, 4, "dpmpp_2m").float()
-    assert float(sigmas[0]) == float(start[0]) and float(sigmas[-1]) == 0 and torch.all(sigmas[1:] < sigmas[:-1])
+    start = start_sigmas(schedule, 4, "dpmpp_2m") if facts["start"] == "trust region" else \
+        ksampler_sigmas(model.get_model_object("model_sampling"), facts["start"], 4, "dpmpp_2m")
+    torch.testing.assert_close(calibration.fits["time_steps"]["start"], start.float())
+    assert float(sigmas[0]) == float(start.float()[0]) and float(sigmas[-1]) == 0 and torch.all(sigmas[1:] < sigmas[:-1])
     ours = _sample(model, node_for("time_steps").execute(calibration).result[0], sigmas)
     theirs = _sample(model, comfy.samplers.sampler_object("dpmpp_2m"), sigmas.clone())
     assert torch.equal(ours, theirs)
@@ -358,3 +369,27 @@ def test_teacher_steps_auto_takes_the_teacher_its_students_need(model, monkeypat
         teachers[margin] = teacher
         assert teacher_line(calibration.diagnostics) == f" ({teacher['steps']} steps, its error ~{teacher['estimate']:.1e})"
     assert teachers[20]["steps"] == auto_start(4) < teachers[2000]["steps"], teachers
+
+
+def test_scheduler_auto_keeps_the_schedule_that_validates_best(model):
+    """scheduler auto: IIA and TimeTuner are each fitted on the SCHEDULER_TRIES schedulers where their plain
+    sampler did best on the screening noise, and keep the one that validates best: its sigmas are stored, and
+    KSampler (Calibrated) with scheduler auto samples the calibration's choice exactly as SamplerCustom does."""
+    from calibrated_samplers.nodes.builtins import ksampler_sigmas
+    from calibrated_samplers.nodes.calibrate import SCHEDULER_TRIES
+    calibration = _calibrate(model, method="all", scheduler="auto")[0]
+    ms = model.get_model_object("model_sampling")
+    assert calibration.settings["scheduler"] == "auto"
+    for name in ("iia_ddim", "timetuner"):
+        facts = calibration.diagnostics[name]
+        tried = facts["schedulers_tried"]
+        assert len(tried) == SCHEDULER_TRIES and facts["scheduler"] == min(tried, key=tried.get)
+        assert facts["validation"]["kept_rmse"] == min(tried.values())
+        expected = ksampler_sigmas(ms, facts["scheduler"], 4, "euler")
+        assert torch.allclose(calibration.fits[name]["sigmas"], expected.float())
+    screened = {label: entry for label, entry in calibration.diagnostics["validated"].items() if "sampler" in entry}
+    assert {entry["scheduler"] for entry in screened.values()} - {"karras"}       # not one scheduler's built-ins
+    ours = _ksampler(model, method="iia_ddim", scheduler="auto", calibration=calibration)
+    theirs = _sample(model, node_for("iia_ddim").execute(calibration).result[0],
+                     calibration.fits["iia_ddim"]["sigmas"], seed=5, batch=2)
+    torch.testing.assert_close(ours, theirs)

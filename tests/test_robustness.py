@@ -123,7 +123,7 @@ def test_ksampler_with_a_calibration_for_another_latent_size(model):
 def test_olss_from_an_all_calibration_ignores_the_scheduler(model):
     """OLSS brings its own sigmas: KSampler (Calibrated) takes it from a calibration made with another
     scheduler; IIA and TimeTuner keep the scheduler's sigmas and refuse another."""
-    calibration = calibrate(model, method="all")
+    calibration = calibrate(model, method="all", scheduler="karras")
     common = dict(model=model, seed=1, steps=4, cfg=CFG, sampler_name="euler", scheduler="beta",
                   positive=gmm.conditioning([3]), negative=gmm.null_conditioning(),
                   latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0, teacher_steps=60,

@@ -50,12 +50,17 @@ class Method:
         model with this NoiseSchedule; `inputs`: those of its sampler node (`sampler_inputs`)."""
         raise NotImplementedError
 
+    def plain_sampler(self, settings):
+        """The built-in sampler this method corrects on the schedule it keeps (with `follows` "scheduler": scheduler
+        auto tries the schedules where that sampler did best), or None."""
+        return None
+
     def check_use(self, settings, **given):
         """Raise CalibrationMismatch if a KSampler input this method follows (`follows`) differs from the setting
-        the calibration was fitted with."""
+        the calibration was fitted with (a given scheduler "auto" takes the calibration's)."""
         for name in self.follows:
             fitted = settings.get(name)
-            if fitted is not None and given.get(name) is not None and given[name] != fitted:
+            if fitted is not None and given.get(name) not in (None, "auto") and given[name] != fitted:
                 raise CalibrationMismatch(f"this calibration was fitted with {name} {fitted}, not {given[name]}: "
                                           f"set {name} to {fitted} or calibrate again")
 

@@ -75,8 +75,12 @@ class IIA(Method):
         run.sample(iia.sample_iia, run.sigmas.float(), schedule=run.schedule, variant=self.name, r=HISTORY, fit=fit)
         tensors = finite(self.name, {"sigmas": run.sigmas.float(), "coefficients": torch.stack(fit.coefficients)})
         return tensors, {"step_error": fit.fit_error, "plain_step_error": fit.plain_error,
-                         "target": self.target(run.request), "evaluations": fit.evaluations,
+                         "target": self.target(run.request), "scheduler": run.scheduler_name,
+                         "evaluations": fit.evaluations,
                          "fit_seconds": time.perf_counter() - start}
+
+    def plain_sampler(self, settings):
+        return self.plain
 
     def plain_tensors(self, tensors, settings, schedule):
         return {**tensors, "coefficients": iia.plain_coefficients(self.name, tensors["sigmas"], HISTORY)}

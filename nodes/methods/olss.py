@@ -39,7 +39,7 @@ class OLSS(Method):
             candidates["searched path"] = olss.fit_olss(gram, olss.search_path(gram, steps))
             sigmas = run.sigmas.double()
             weights_x, weights_d = olss.ddim_coefficients(run.schedule, sigmas)
-            candidates[f"{run.request.scheduler} sigmas"] = olss.OLSSCoefficients(
+            candidates[f"{run.scheduler_name} sigmas"] = olss.OLSSCoefficients(
                 tuple(run.nearest_teacher_steps(sigmas[:-1])), sigmas.float(), weights_x, weights_d,
                 torch.zeros(steps, dtype=torch.float64))
         return candidates
@@ -89,14 +89,16 @@ class OLSS(Method):
                 scores[label]["re-solved, cross-validated"] = rmse(held, final[halves[1] + halves[0]])
                 if scores[label]["re-solved, cross-validated"] < best[0]:
                     best = scores[label]["re-solved, cross-validated"], label, c, None, targets
-        _, label, c, solver, targets = best
+        in_sample, label, c, solver, targets = best
         resolved = solver is None
-        if resolved:
-            _, c, solver = sample(c, targets)
+        if resolved:            # (re-solved on the whole batch: the run of the coefficients it writes back)
+            x, c, solver = sample(c, targets)
+            in_sample = rmse(x, final)
         tensors = finite(self.name, {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
                                      "weights_x": c.weights_x.double(), "weights_d": c.weights_d.double(),
                                      "errors": c.errors.double()})
-        return tensors, {"step_error": solver.errors, "schedule": label, "resolved": resolved, "candidate_rmse": scores,
+        return tensors, {"step_error": solver.errors, "rmse": in_sample, "schedule": label, "resolved": resolved,
+                         "candidate_rmse": scores,
                          "evaluations": evaluations, "fit_seconds": time.perf_counter() - start + gram_seconds}
 
     def plain_tensors(self, tensors, settings, schedule):

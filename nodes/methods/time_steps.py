@@ -1,5 +1,6 @@
 """Calibrated time steps on ComfyUI: a built-in sampler (`sampler_name`) on interior sigmas fitted to the teacher,
-starting from, and pulled toward, the trust-region schedule for that sampler (`optimizers/time_steps.py`)."""
+starting from, and pulled toward, the better on the calibration batch of the trust-region schedule for that sampler
+and the built-in schedule on which that sampler screened best (`optimizers/time_steps.py`)."""
 import time
 
 import torch
@@ -10,7 +11,7 @@ import comfy.samplers
 from ...optimizers import time_steps
 from ...optimizers.teacher import rmse
 from ...optimizers.trust_region import SOLVERS, time_step_sigmas
-from ..builtins import model_evaluations
+from ..builtins import ksampler_sigmas, model_evaluations
 from . import Method, NotApplicable, finite
 
 
@@ -22,7 +23,8 @@ def start_sigmas(schedule, steps, sampler_name):
 class TimeSteps(Method):
     name = "time_steps"
     summary = ("Calibrated time steps: the chosen built-in sampler on sigmas fitted to the teacher (from the "
-               "trust-region schedule; dozens of sampling runs, so not part of 'all')")
+               "better of the trust-region schedule and its best built-in schedule; dozens of sampling runs, so not "
+               "part of 'all')")
     in_all = False              # its fit runs the sampler dozens of times: asked for by name only
     follows = ("sampler_name",)
     node = ("TimeStepsSampler", "Calibrated Time Steps Sampler",
@@ -48,20 +50,32 @@ class TimeSteps(Method):
         start = time.perf_counter()
 
         def error(sigmas):
-            x = run.sample(base.sampler_function, torch.from_numpy(sigmas).float(), **base.extra_options)
+            x = run.sample(base.sampler_function, torch.as_tensor(sigmas).float(), **base.extra_options)
             return rmse(x.cpu(), final) ** 2
 
+        starts = {"trust region": start_sigmas(run.schedule, request.steps, request.sampler_name)}
+        if run.builtins is not None:            # (`validation.builtins`, where the calibration made one)
+            for scheduler in run.builtins.schedulers_for(request.sampler_name, 1, 0.0):
+                starts[scheduler] = ksampler_sigmas(run.model.get_model_object("model_sampling"), scheduler,
+                                                    request.steps, request.sampler_name).double()
+        start_errors = {label: error(sigmas) for label, sigmas in starts.items()} if len(starts) > 1 else {}
+        chosen = min(start_errors, key=start_errors.get) if start_errors else "trust region"
         sigmas, facts = time_steps.fit_time_steps(
-            error, start_sigmas(run.schedule, request.steps, request.sampler_name), run.schedule,
-            check=comfy.model_management.throw_exception_if_processing_interrupted)
-        tensors = finite(self.name, {"sigmas": torch.from_numpy(sigmas).float()})
+            error, starts[chosen].numpy(), run.schedule, check=comfy.model_management.throw_exception_if_processing_interrupted)
+        tensors = finite(self.name, {"sigmas": torch.from_numpy(sigmas).float(), "start": starts[chosen].float()})
         steps = model_evaluations(request.sampler_name, request.steps)
         return tensors, {"sampler_name": request.sampler_name, "step_error": [], "rmse": facts["error"] ** 0.5,
-                         "start_rmse": facts["start_error"] ** 0.5, "evaluations": facts["evaluations"] * steps,
+                         "start": chosen, "start_rmse": facts["start_error"] ** 0.5,
+                         "starts_rmse": {label: value ** 0.5 for label, value in start_errors.items()},
+                         "evaluations": (facts["evaluations"] + len(start_errors)) * steps,
                          "fit_seconds": time.perf_counter() - start}
 
     def plain_tensors(self, tensors, settings, schedule):
-        return {"sigmas": start_sigmas(schedule, len(tensors["sigmas"]) - 1, settings["sampler_name"]).float()}
+        """The schedule the fit started from."""
+        return {**tensors, "sigmas": tensors["start"]}
+
+    def shapes(self, steps):
+        return {"start": (steps + 1,)}
 
     def sampler(self, tensors, settings, schedule):
         base = comfy.samplers.sampler_object(settings["sampler_name"])

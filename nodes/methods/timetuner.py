@@ -61,7 +61,7 @@ class TimeTuner(Method):
         request = run.request
         ms = run.model.get_model_object("model_sampling")
         sigmas = run.sigmas if request.sigmas is not None else \
-            ksampler_sigmas(ms, request.scheduler, request.steps, request.sampler_name).double()
+            ksampler_sigmas(ms, run.scheduler_name, request.steps, request.sampler_name).double()
         targets = run.teacher_states(sigmas[1:])
         base = comfy.samplers.sampler_object(request.sampler_name)
         result = {}
@@ -71,10 +71,13 @@ class TimeTuner(Method):
                    callback_scale=CALLBACK_SCALES.get(request.sampler_name), verify=verify_time_ratio, result=result)
         tensors = finite(self.name, {"sigmas": sigmas.float(), "ratios": result["ratios"].double()})
         steps = len(sigmas) - 1
-        return tensors, {"sampler_name": request.sampler_name, "step_error": result["errors_final"],
+        return tensors, {"sampler_name": request.sampler_name, "scheduler": run.scheduler_name, "step_error": result["errors_final"],
                          "plain_step_error": result["errors_nominal"], "evaluations": result["evaluations"],
                          "evaluations_per_step": result["evaluations"] / steps,
                          "fit_seconds": time.perf_counter() - start}
+
+    def plain_sampler(self, settings):
+        return settings["sampler_name"]
 
     def plain_tensors(self, tensors, settings, schedule):
         return {**tensors, "ratios": torch.ones_like(tensors["ratios"])}
