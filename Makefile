@@ -3,7 +3,7 @@
 SETUP := bash tools/setup_host.sh
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-generalization bench-ceilings setup
+.PHONY: demo test bench bench-cost bench-generalization bench-ceilings setup
 
 setup:
 	@$(SETUP) >/dev/null
@@ -16,6 +16,9 @@ test:
 
 bench:
 	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/quality.py $(ARGS)
+
+bench-cost:
+	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/calibration_cost.py $(ARGS)
 
 bench-generalization:
 	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/generalization.py $(ARGS)

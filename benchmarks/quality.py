@@ -152,17 +152,18 @@ def calibrated_runs(case, nfe):
 
 
 def auto_runs(case, nfe):
-    """KSampler (Calibrated)'s `auto` at its defaults (scheduler auto, sampler_name euler): every method fitted
-    and validated by the node's own code on each calibration batch, then the lowest validated error among them
-    and the built-in shortlist within nfe evaluations, sampled on the held-out noise. Each method's validated
-    error is recorded beside its held-out one (VALIDATION)."""
+    """KSampler (Calibrated)'s `auto` at its defaults (teacher_steps auto, scheduler auto, sampler_name euler): its
+    own calibration for these steps (its own teacher) on each calibration batch, every method that samples within
+    nfe evaluations fitted and validated by the node's own code, then the lowest validated error among them and
+    the built-ins, sampled on the held-out noise. Each validated error is recorded beside its held-out one
+    (VALIDATION)."""
     if "auto" not in CALIBRATED:
         return
     from calibrated_samplers.nodes.calibrate import fit
     from calibrated_samplers.nodes.methods import METHODS as REGISTRY
     from calibrated_samplers.nodes.validation import choose
     for batch in CALIBRATION_BATCHES:
-        run = _calibration_run(case, batch, nfe, "auto")
+        run = common.calibration_run(case, batch, nfe, 0, method="auto", scheduler="auto")
         start = time.perf_counter()
         with torch.inference_mode():
             calibration = fit(run, tuple(case.noise.shape[1:]))
@@ -182,7 +183,8 @@ def auto_runs(case, nfe):
         label = choose(validated, nfe)          # as KSampler (Calibrated) does (`chosen_sampler`)
         sampler, sigmas = samplers[label]
         CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": "auto", "batch": batch,
-                                  "fit_seconds": time.perf_counter() - start, "choice": label,
+                                  "seconds": time.perf_counter() - start, "choice": label,
+                                  "teacher": calibration.diagnostics["teacher"],
                                   "validation_evaluations": sum((calibration.diagnostics[m]["validation"] or {})
                                                                 .get("evaluations", 0) for m in calibration.fits)})
         yield f"auto_b{batch}", f"auto({label})", "auto", nfe, sampler, sigmas

@@ -193,12 +193,16 @@ def keep_masked(model, x, sigmas, extra_args):
     (KSamplerX0Inpaint) has blended with the input latent by the mask (transformed, where a node installed a
     denoise_mask_function, as at the last model call's sigma). A calibrated method's final x is a fitted
     combination of such outputs and of the start noise, so the kept region is restored here, once, for every
-    method; elsewhere (a soft mask's partly kept pixels too) x stays the method's, whose outputs were blended."""
+    method; elsewhere (a soft mask's partly kept pixels too) x stays the method's, whose outputs were blended.
+    Where the mask is 0 the latent is kept even if a denoise_mask_function regenerates everything at the last
+    call (Differential Diffusion does at sigma_min): ComfyUI's own samplers then end on D(latent + sigma_min
+    noise), within the model's last denoising of the latent, whereas a fitted combination would not."""
     mask = (extra_args or {}).get("denoise_mask")
     if mask is None or float(sigmas[-1]) != 0:
         return x
+    kept = mask <= 0
     function = extra_args.get("model_options", {}).get("denoise_mask_function")
     if function is not None:
         sigma = sigmas[-2] * x.new_ones([x.shape[0]])
-        mask = function(sigma, mask, extra_options={"model": model.inner_model, "sigmas": sigmas})
-    return torch.where(mask <= 0, model.latent_image, x)
+        kept = kept | (function(sigma, mask, extra_options={"model": model.inner_model, "sigmas": sigmas}) <= 0)
+    return torch.where(kept, model.latent_image, x)

@@ -70,7 +70,7 @@ class CalibrateSampler(io.ComfyNode):
                 io.Int.Input("steps", default=5, min=1, max=100,
                              tooltip="Student steps, as KSampler's steps (Heun methods evaluate the model twice "
                                      "per step but the last)."),
-                io.Int.Input("teacher_steps", default=500, min=0, max=4000, tooltip=TEACHER_STEPS_TOOLTIP),
+                io.Int.Input("teacher_steps", default=0, min=0, max=4000, tooltip=TEACHER_STEPS_TOOLTIP),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
                              tooltip="Noise samples the fit sees. More generalizes better; memory grows with it."),
                 io.Combo.Input("method", options=["all", *METHODS], default="all",

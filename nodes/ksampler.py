@@ -53,8 +53,9 @@ class CalibratedKSampler(io.ComfyNode):
                 io.Combo.Input("method", options=[AUTO, *METHODS], default=AUTO,
                                tooltip=method_tooltip("auto: whichever validated best on calibration noises it was "
                                                       "not fitted on, a built-in sampler included, within these "
-                                                      "steps' model evaluations (calibrates every method). ")),
-                io.Int.Input("teacher_steps", default=500, min=0, max=4000,
+                                                      "steps' model evaluations (calibrates every method that "
+                                                      "samples within them). ")),
+                io.Int.Input("teacher_steps", default=0, min=0, max=4000,
                              tooltip=TEACHER_STEPS_TOOLTIP + " Ignored when reusing a calibration."),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
                              tooltip="Noise samples for calibrating (ignored when reusing)."),
@@ -76,7 +77,7 @@ class CalibratedKSampler(io.ComfyNode):
         latent = latent_image.copy()
         samples = latent_samples(model, latent)
         if calibration is None:
-            request = Request.from_inputs("all" if method == AUTO else method, seed=0, cfg=cfg, steps=steps,
+            request = Request.from_inputs(method, seed=0, cfg=cfg, steps=steps,
                                           teacher_steps=teacher_steps, calibration_batch=calibration_batch,
                                           scheduler=scheduler, sampler_name=sampler_name)
             calibration, _ = calibrate(model, positive, negative, samples, request)

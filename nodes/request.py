@@ -40,15 +40,19 @@ class Request:
 
     @classmethod
     def from_inputs(cls, method, sigmas=None, **inputs):
-        """From a node's inputs; `method` is one name of METHODS or "all"; inputs that are not fields of the
-        request are the methods' own options."""
-        if method != "all" and method not in METHODS:
+        """From a node's inputs; `method` is one name of METHODS, "all", or "auto" (those of `all` that sample
+        within `steps` model evaluations: what KSampler (Calibrated)'s auto can choose); inputs that are not
+        fields of the request are the methods' own options."""
+        if method not in ("all", "auto") and method not in METHODS:
             raise ValueError(f"method {method!r}: expected 'all' or one of {', '.join(METHODS)}")
         given = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).detach().cpu().double())
         names = {f.name for f in fields(cls)}
         options = tuple(sorted((k, v) for k, v in inputs.items() if k not in names and v is not None))
-        return cls(methods=tuple(ALL) if method == "all" else (method,), sigmas=given, options=options,
-                   **{k: v for k, v in inputs.items() if k in names})
+        methods = (method,) if method in METHODS else tuple(ALL)
+        if method == "auto":
+            steps, settings = inputs.get("steps"), {"sampler_name": inputs.get("sampler_name", "euler")}
+            methods = tuple(m for m in ALL if METHODS[m].evaluations(steps, settings) <= steps)
+        return cls(methods=methods, sigmas=given, options=options, **{k: v for k, v in inputs.items() if k in names})
 
     def option(self, name, default=None):
         return dict(self.options).get(name, default)

@@ -21,8 +21,12 @@ apply verbatim to every family.
 Every step is computed as the plain solver's step, exactly as ComfyUI computes it, plus the
 correction sum_j (c_j - c_j^plain) B_j; plain coefficients therefore reproduce ComfyUI's `ddim` and
 `heun` bit for bit. Fits are float64 least squares over the calibration batch and all pixels,
-lightly regularised toward the plain coefficients (so a rank-deficient batch, e.g. of one, falls
-back to them), which keeps every step's calibration error at or below the plain solver's.
+regularised toward the plain coefficients by 1e-3 of the basis Gram matrix's trace, which keeps every
+step's calibration error at or below the plain solver's and a rank-deficient batch (e.g. of one) at
+them. The ridge matters on sharp data: near sigma 0 a term that barely moves on the calibration noises
+(IIA-DDIM's x0 difference) took coefficients of -25 that sent held-out noises to other modes (closed-form
+SD1.5-like model, 7 steps, exponential: held-out RMSE 0.83 with 1e-9, 0.097 with 1e-3, the same
+calibration error); on the digits models the fits did not change (0.0503 / 0.0504).
 
 First step: no history, so IIA-DDIM takes a plain DDIM step (as the paper) and the gamma terms of
 the Heun forms are absent (their betas are still fitted). Last step, to sigma = 0: Heun is Euler
@@ -74,7 +78,7 @@ class IIAFit:
     """Asks `sample_iia` to fit its coefficients step by step; it fills `coefficients` and the errors."""
 
     m: int = 3
-    ridge: float = 1e-9
+    ridge: float = 1e-3                                # of the basis Gram matrix's trace (`least_squares`)
     targets: list | None = None                        # per step, a given target (the teacher's state at the
                                                        # next sigma) instead of the M fine sub-steps
     coefficients: list = field(default_factory=list)   # one float64 tensor [k] per step

@@ -24,9 +24,8 @@ from .coordinates import NoiseSchedule
 
 def teacher_sigmas(schedule: NoiseSchedule, steps: int, through=None) -> torch.Tensor:
     """About steps + 1 ComfyUI sigmas from sigma_max to 0, uniform in lambda (for flow models, whose
-    sigma_max = 1 is lambda = -inf, uniform from sigma 0.999 on), but for the first interval, split at 1/8,
-    1/4 and 1/2: the multistep teacher starts at first and second order, and their local errors would
-    otherwise make the whole run only second order.
+    sigma_max = 1 is lambda = -inf, uniform from sigma 0.999 on). (OLSS's uniform path takes every T/N-th
+    teacher step: a grid refined at its start would bend it.)
 
     `through`: a student schedule (descending, ending in 0) the teacher grid must contain; each of its
     intervals is then split uniformly in lambda into about steps / N teacher steps (the last, to 0, from
@@ -36,11 +35,7 @@ def teacher_sigmas(schedule: NoiseSchedule, steps: int, through=None) -> torch.T
         raise ValueError(f"teacher_steps must be at least 2, got {steps}")
     if through is None:
         top = min(schedule.sigma_max, 0.999) if schedule.is_flow else schedule.sigma_max
-        start = [0.125, 0.25, 0.5] if steps >= 8 else []     # the first interval refined (see below)
-        lambdas = torch.linspace(float(schedule.lambda_(top)), schedule.lambda_max, steps - len(start),
-                                 dtype=torch.float64)
-        lambdas = torch.cat([lambdas[:1], lambdas[0] + (lambdas[1] - lambdas[0]) * lambdas.new_tensor(start),
-                             lambdas[1:]])
+        lambdas = torch.linspace(float(schedule.lambda_(top)), schedule.lambda_max, steps, dtype=torch.float64)
         sigmas = schedule.sigma_of_lambda(lambdas)
         sigmas[0] = schedule.sigma_max
         return torch.cat([sigmas, sigmas.new_zeros(1)]).float()

@@ -148,7 +148,7 @@ def conditioning(model, positive, negative, latent):
 
 
 def calibrate(w, column, model, positive, negative, latent, **widgets):
-    settings = {"cfg": 7.0, "steps": 5, "teacher_steps": 500, "calibration_batch": 8, **widgets}
+    settings = {"cfg": 7.0, "steps": 5, "teacher_steps": 0, "calibration_batch": 8, **widgets}
     return w.add("CalibrateSampler", column, settings, conditioning(model, positive, negative, latent))
 
 
