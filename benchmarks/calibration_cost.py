@@ -16,11 +16,9 @@ import json
 import time
 
 import common
-import comfy.samplers
 import torch
 
 from calibrated_samplers.nodes.calibrate import fit
-from calibrated_samplers.nodes.methods import METHODS
 from calibrated_samplers.nodes.validation import choose
 
 MODELS = ["digits_eps", "digits_flow", "sharp_sd15", "sharp_flux"]
@@ -37,14 +35,7 @@ def counted(case):
 
 def held_out(case, calibration, label):
     """Held-out RMSE of one candidate of the calibration (a method or a built-in) against the case's reference."""
-    entry = calibration.diagnostics["validated"][label]
-    if "method" in entry:
-        function, options = METHODS[label].sampler(calibration.fits[label], calibration.settings, case.schedule)
-        sampler, sigmas = comfy.samplers.KSAMPLER(function, extra_options=options), calibration.fits[label]["sigmas"]
-    else:
-        sampler = comfy.samplers.sampler_object(entry["sampler"])
-        sigmas = torch.tensor(entry["sigmas"], dtype=torch.float32)
-    return common.rmse(case.sample(sampler, sigmas), case.reference)
+    return common.rmse(case.sample(*common.candidate_sampler(calibration, label, case.schedule)), case.reference)
 
 
 def measure(case, nfe, teacher_steps):

@@ -105,3 +105,13 @@ def calibration_run(case, batch, steps, teacher_steps=500, labels=None, method="
     return CalibrationRun(model=case.model, plan=plan(case.model, tuple(latent.shape[1:]), request),
                           positive=case.module.conditioning(labels), negative=case.module.null_conditioning(batch),
                           latent=latent)
+
+
+def candidate_sampler(calibration, label, schedule):
+    """(SAMPLER, sigmas) of one of a calibration's validated candidates: a fitted method or a built-in sampler."""
+    from calibrated_samplers.nodes.methods import METHODS
+    entry = calibration.diagnostics["validated"][label]
+    if "method" in entry:
+        function, options = METHODS[label].sampler(calibration.fits[label], calibration.settings, schedule)
+        return comfy.samplers.KSAMPLER(function, extra_options=options), calibration.fits[label]["sigmas"]
+    return comfy.samplers.sampler_object(entry["sampler"]), torch.tensor(entry["sigmas"], dtype=torch.float32)

@@ -160,7 +160,6 @@ def auto_runs(case, nfe):
     if "auto" not in CALIBRATED:
         return
     from calibrated_samplers.nodes.calibrate import fit
-    from calibrated_samplers.nodes.methods import METHODS as REGISTRY
     from calibrated_samplers.nodes.validation import choose
     for batch in CALIBRATION_BATCHES:
         run = common.calibration_run(case, batch, nfe, 0, method="auto", scheduler="auto")
@@ -170,13 +169,7 @@ def auto_runs(case, nfe):
         validated = calibration.diagnostics["validated"]
         samplers = {}
         for label, entry in validated.items():
-            if "method" in entry:
-                function, options = REGISTRY[label].sampler(calibration.fits[label], calibration.settings, case.schedule)
-                sampler, sigmas = comfy.samplers.KSAMPLER(function, extra_options=options), calibration.fits[label]["sigmas"]
-            else:
-                sampler = comfy.samplers.sampler_object(entry["sampler"])
-                sigmas = torch.tensor(entry["sigmas"], dtype=torch.float32)
-            samplers[label] = sampler, sigmas
+            samplers[label] = sampler, sigmas = common.candidate_sampler(calibration, label, case.schedule)
             VALIDATION.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "batch": batch, "label": label,
                                "evaluations": entry["evaluations"], "validated": entry["rmse"],
                                "held_out": common.rmse(case.sample(sampler, sigmas), case.reference)})
