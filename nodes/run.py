@@ -144,14 +144,17 @@ class CalibrationRun:
     def settle_teacher(self, target, check_memory=None) -> dict:
         """For teacher_steps auto: estimate the teacher's own error (`error_estimate`, from a run of 2/3 of its
         steps, or from the shorter teacher it replaces) and lengthen it until the estimate is at most `target`
-        (by 1.5x to 2x a time, up to AUTO_MAX_STEPS; `check_memory(steps)` is called before a longer run). Returns {"steps",
-        "estimate", "target", "evaluations"} (the teacher's batched model calls, every run counted)."""
+        (by 1.5x to 2x a time, up to AUTO_MAX_STEPS; `check_memory(steps)` is called before a longer run). It stops
+        early where a longer run no longer lowers the estimate by 1.5x ("floor": the model's outputs are not smooth
+        enough in sigma for more steps to help; a trained network's rounding, say). Returns {"steps", "estimate",
+        "target", "floor", "evaluations"} (the teacher's batched model calls, every run counted)."""
         steps = len(self.trajectory.sigmas) - 1
         shorter = math.ceil(2 * steps / 3)       # (half the steps can be too few for a stable third-order run)
         coarse = self.sample(sample_teacher, teacher_sigmas(self.schedule, shorter), schedule=self.schedule).cpu()
         self.teacher_evaluations += shorter
         estimate = error_estimate(self.trajectory.final, coarse, steps, shorter)
-        while estimate > target and steps < AUTO_MAX_STEPS:
+        floor = False
+        while estimate > target and steps < AUTO_MAX_STEPS and not floor:
             wanted = math.ceil(1.2 * steps_for(target, estimate, steps))      # between 1.5x and 2x this run
             longer = min(AUTO_MAX_STEPS, max(steps * 3 // 2, min(2 * steps, wanted)))
             if check_memory is not None:
@@ -159,9 +162,10 @@ class CalibrationRun:
             previous = self.trajectory.final
             self._trajectory = None         # (the shorter run's states are let go before the longer run)
             self.take_teacher(longer)
-            estimate = error_estimate(self.trajectory.final, previous, longer, steps)
-            steps = longer
-        return {"steps": steps, "estimate": estimate, "target": target, "evaluations": self.teacher_evaluations}
+            last, estimate = estimate, error_estimate(self.trajectory.final, previous, longer, steps)
+            floor, steps = estimate > last / 1.5, longer
+        return {"steps": steps, "estimate": estimate, "target": target, "floor": floor,
+                "evaluations": self.teacher_evaluations}
 
     def teacher_states(self, sigmas) -> list:
         """The teacher's state at each of `sigmas` (a fit's targets)."""

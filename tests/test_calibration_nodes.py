@@ -395,3 +395,14 @@ def test_scheduler_auto_keeps_the_schedule_that_validates_best(model):
     theirs = _sample(model, node_for("iia_ddim").execute(calibration).result[0],
                      calibration.fits["iia_ddim"]["sigmas"], seed=5, batch=2)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_teacher_steps_auto_stops_where_longer_runs_stop_helping(model, monkeypatch):
+    """Where a longer teacher does not lower the estimate (a model whose outputs are rough in sigma), teacher_steps
+    auto stops after one lengthening and says so, instead of running up to its longest teacher."""
+    from calibrated_samplers.nodes import run
+    monkeypatch.setattr(run, "error_estimate", lambda *args: 1.0)      # never falling, always above the target
+    calibration = _calibrate(model, steps=4, teacher_steps=0, method="iia_ddim")[0]
+    teacher = calibration.diagnostics["teacher"]
+    assert teacher["floor"] and teacher["estimate"] == 1.0
+    assert run.auto_start(4) < teacher["steps"] <= 2 * run.auto_start(4)
