@@ -119,10 +119,33 @@ def auto_against_knowable(records, entries):
     return "\n".join(out)
 
 
+def trust_region_against_its_sampler(records):
+    """The trust-region schedule (no calibration) against the best built-in schedule of the same sampler."""
+    best = defaultdict(lambda: float("inf"))
+    for r in records:
+        if r["method"] == "builtin":
+            key = (r["model"], r["nfe"], r["sampler"])
+            best[key] = min(best[key], r["rmse"])
+    ratios = defaultdict(dict)
+    for r in records:
+        key = (r["model"], r["nfe"], r["sampler"])
+        if r["method"] == "trust_region" and key in best:
+            ratios[(r["model"], r["sampler"])][r["nfe"]] = r["rmse"] / best[key]
+    nfes = sorted({n for v in ratios.values() for n in v})
+    out = ["Trust-region sigmas against the same sampler's best built-in schedule, ratio of held-out RMSE", "",
+           "| model | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+    for (model, sampler), values in sorted(ratios.items()):
+        out.append(f"| {model} | {sampler} | " + " | ".join(f"{values[n]:.2f}" if n in values else "" for n in nfes)
+                   + " |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     data = json.load(open(sys.argv[1]))
     records = data["records"]
     print(tables(records) + "\n\n" + headline(records))
+    if any(r["method"] == "trust_region" for r in records):
+        print("\n" + trust_region_against_its_sampler(records))
     if data.get("validation"):
         print("\n" + auto_against_knowable(records, data["validation"]))
         print("\n" + validation(data["validation"]))

@@ -16,7 +16,7 @@ from ..optimizers.teacher import rmse
 from . import memory, store
 from .fingerprint import model_fingerprint
 from .methods import METHODS
-from .request import AUTO_SCHEDULER, AUTO_TEACHER, Request, plan
+from .request import AUTO_SCHEDULER, AUTO_TEACHER, PROVISIONAL_SCHEDULER, Request, plan
 from .run import CalibrationRun
 from .validation import builtins, choose, validate
 
@@ -71,16 +71,17 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
             diagnostics["teacher"] = {"steps": request.teacher_steps, "evaluations": run.teacher_evaluations}
         diagnostics["builtins_evaluations"] = screen.evaluations
     auto = screen is not None and request.sigmas is None and request.scheduler == AUTO_SCHEDULER
-    if auto:
-        run = run.with_scheduler(screen.schedulers_for("euler", 1, p.schedule.sigma_max)[0])
+    if auto:            # (the provisional one, where no scheduler that starts at sigma_max gives these steps)
+        best = screen.schedulers_for("euler", 1, p.schedule.sigma_max)
+        run = run.with_scheduler(best[0] if best else PROVISIONAL_SCHEDULER)
     fits, evaluations, validated = {}, {}, {}
     for name in p.methods:
         method = METHODS[name]
         evaluations[name] = method.evaluations(request.steps, p.settings)
         tries = [run]
         if auto and "scheduler" in method.follows:
-            tries = [run.with_scheduler(scheduler) for scheduler in
-                     screen.schedulers_for(method.plain_sampler(p.settings), SCHEDULER_TRIES, p.schedule.sigma_max)]
+            tries = [run.with_scheduler(scheduler) for scheduler in screen.schedulers_for(
+                method.plain_sampler(p.settings), SCHEDULER_TRIES, p.schedule.sigma_max)] or tries
         tried = {}
         for attempt in tries:
             comfy.model_management.throw_exception_if_processing_interrupted()

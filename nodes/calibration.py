@@ -95,7 +95,8 @@ class CalibrateSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, cfg, steps, teacher_steps, calibration_batch,
-                method, scheduler=AUTO_SCHEDULER, sampler_name="euler", sigmas=None, refit=False, **options) -> io.NodeOutput:
+                method, scheduler=AUTO_SCHEDULER, sampler_name="euler", sigmas=None, refit=False,
+                **options) -> io.NodeOutput:
         request = Request.from_inputs(method, sigmas, seed=seed, cfg=cfg, steps=steps, teacher_steps=teacher_steps,
                                       calibration_batch=calibration_batch, scheduler=scheduler,
                                       sampler_name=sampler_name, **options)

@@ -21,6 +21,7 @@ from .methods import ALL, METHODS, NotApplicable
 
 TEACHER_SOLVER = "dpmpp_3m_lambda"
 AUTO_SCHEDULER = "auto"         # scheduler auto: each method that keeps a schedule tries the best built-in ones
+PROVISIONAL_SCHEDULER = "karras"    # scheduler auto's sigmas before the built-ins are screened (or if none fits)
 SCHEDULERS = [AUTO_SCHEDULER, *comfy.samplers.SCHEDULER_NAMES]
 AUTO_TEACHER = 0                # teacher_steps 0: as long as the student needs (`CalibrationRun.settle_teacher`)
 
@@ -105,7 +106,7 @@ def plan(model, latent_shape, request: Request) -> Plan:
     else:
         if request.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {request.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-        provisional = "karras" if request.scheduler == AUTO_SCHEDULER else request.scheduler
+        provisional = PROVISIONAL_SCHEDULER if request.scheduler == AUTO_SCHEDULER else request.scheduler
         student = ksampler_sigmas(ms, provisional, request.steps).double()
         if len(student) - 1 != request.steps:
             raise ValueError(f"scheduler {request.scheduler} gives {len(student) - 1} steps for steps "

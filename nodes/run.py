@@ -20,7 +20,7 @@ import latent_preview
 
 from ..optimizers.teacher import Trajectory, error_estimate, sample_teacher, steps_for, teacher_sigmas
 from .builtins import ksampler_sigmas
-from .request import AUTO_SCHEDULER, Plan
+from .request import AUTO_SCHEDULER, PROVISIONAL_SCHEDULER, Plan
 
 AUTO_MAX_STEPS = 1000           # the longest teacher that teacher_steps auto takes
 
@@ -75,9 +75,10 @@ class CalibrationRun:
 
     @property
     def scheduler_name(self) -> str:
-        """The scheduler of the student sigmas: this run's (`with_scheduler`), else the request's (karras for
-        scheduler auto before a choice)."""
-        return self.scheduler or (self.request.scheduler if self.request.scheduler != AUTO_SCHEDULER else "karras")
+        """The scheduler of the student sigmas: this run's (`with_scheduler`), else the request's (for scheduler
+        auto before a choice, the provisional one)."""
+        return self.scheduler or (self.request.scheduler if self.request.scheduler != AUTO_SCHEDULER
+                                  else PROVISIONAL_SCHEDULER)
 
     @property
     def sigmas(self) -> torch.Tensor:

@@ -25,9 +25,9 @@ SCREEN_KEEP = 6             # built-ins (sampler, scheduler) that go on from the
 
 def validate(name, run, tensors):
     """(tensors to store: the fit's or its plain solver's, {"rmse", "plain_rmse", "kept", "kept_rmse",
-    "evaluations"}) for
-    method `name` fitted as `tensors` on the whole of `run`; (tensors, None) where the batch has fewer than 2
-    noises. "evaluations": the batched model calls validation made (half-batch calls for the folds)."""
+    "evaluations"}) for method `name` fitted as `tensors` on the whole of `run`; (tensors, None) where the batch
+    has fewer than 2 noises. "evaluations": the batched model calls validation made (half-batch calls for the
+    folds)."""
     method = METHODS[name]
     settings = run.plan.settings
     if run.batch < 2:
@@ -104,7 +104,8 @@ def builtins(run) -> BuiltinScreen:
         label = f"{name} / {scheduler}"
         finals[label] = x
         candidates[label] = {"rmse": rmse(x, run.trajectory.final), "sampler": name, "scheduler": scheduler,
-                             "sigmas": sigmas.double().tolist(), "evaluations": model_evaluations(name, run.request.steps)}
+                             "sigmas": sigmas.double().tolist(),
+                             "evaluations": model_evaluations(name, run.request.steps)}
     steps = run.request.steps
     evaluations = (len(screened) * len(screen_rows) + len(kept) * len(rest_rows)) * steps / run.batch
     return BuiltinScreen(candidates, finals, {key: value[0] for key, value in screened.items()}, starts, evaluations)

@@ -111,8 +111,8 @@ class Trajectory:
 def step_coefficients(schedule: NoiseSchedule, sigmas, order: int = 3) -> list[tuple[float, tuple]]:
     """(a_i, (b_i0, b_i1, ...)) of every teacher step: x_{i+1} = a_i x_i + sum_k b_ik D_{i-k}.
 
-    With x / sigma_native == x_c / s in every family (see coordinates), DPM-Solver++(3M) (Lu et al. 2022,
-    the multistep solver of their section 5, as ComfyUI's dpmpp_3m_sde with eta 0) is
+    With x / sigma_native == x_c / s in every family (see coordinates), DPM-Solver++(3M) (the third-order
+    multistep form of Lu et al. 2022's DPM-Solver++, as ComfyUI's dpmpp_3m_sde with eta 0) is
     x' = (s'/s) x + g (-phi_1 D_i + phi_2 d1 - phi_3 d2), g = s' e^{lambda'}, h = lambda' - lambda,
     phi_1 = expm1(-h), phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2, where d1 and d2 are the first and
     second divided differences of the last three outputs in lambda (steps r0 = h_{i-1} / h, r1 = h_{i-2} / h).
@@ -140,7 +140,8 @@ def step_coefficients(schedule: NoiseSchedule, sigmas, order: int = 3) -> list[t
             d2 = (d1_0 - d1_1) / (r0 + r1)
             b = torch.cat([b, b.new_zeros(2)]) + phi_2 * d1 - phi_3 * d2
         elif order >= 2 and previous:
-            b = torch.cat([b, b.new_zeros(1)]) + phi_2 * torch.tensor([1.0, -1.0], dtype=torch.float64) / (previous[0] / h)
+            d1 = torch.tensor([1.0, -1.0], dtype=torch.float64) / (previous[0] / h)
+            b = torch.cat([b, b.new_zeros(1)]) + phi_2 * d1
         coefficients.append((float(sigmas[i + 1] / sigmas[i]), tuple(g * float(v) for v in b)))
         # a flow model's first step leaves sigma 1, where lambda is -inf: its output starts no difference
         previous = [h, *previous[:1]] if math.isfinite(h) else []

@@ -60,8 +60,8 @@ class TimeSteps(Method):
                                                     request.steps, request.sampler_name).double()
         start_errors = {label: error(sigmas) for label, sigmas in starts.items()} if len(starts) > 1 else {}
         chosen = min(start_errors, key=start_errors.get) if start_errors else "trust region"
-        sigmas, facts = time_steps.fit_time_steps(
-            error, starts[chosen].numpy(), run.schedule, check=comfy.model_management.throw_exception_if_processing_interrupted)
+        interrupted = comfy.model_management.throw_exception_if_processing_interrupted
+        sigmas, facts = time_steps.fit_time_steps(error, starts[chosen].numpy(), run.schedule, check=interrupted)
         tensors = finite(self.name, {"sigmas": torch.from_numpy(sigmas).float(), "start": starts[chosen].float()})
         steps = model_evaluations(request.sampler_name, request.steps)
         return tensors, {"sampler_name": request.sampler_name, "step_error": [], "rmse": facts["error"] ** 0.5,

@@ -71,8 +71,9 @@ class TimeTuner(Method):
                    callback_scale=CALLBACK_SCALES.get(request.sampler_name), verify=verify_time_ratio, result=result)
         tensors = finite(self.name, {"sigmas": sigmas.float(), "ratios": result["ratios"].double()})
         steps = len(sigmas) - 1
-        return tensors, {"sampler_name": request.sampler_name, "scheduler": run.scheduler_name, "step_error": result["errors_final"],
-                         "plain_step_error": result["errors_nominal"], "evaluations": result["evaluations"],
+        return tensors, {"sampler_name": request.sampler_name, "scheduler": run.scheduler_name,
+                         "step_error": result["errors_final"], "plain_step_error": result["errors_nominal"],
+                         "evaluations": result["evaluations"],
                          "evaluations_per_step": result["evaluations"] / steps,
                          "fit_seconds": time.perf_counter() - start}
 
