@@ -13,7 +13,8 @@ from . import CATEGORY, CalibrationType
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import DETERMINISTIC_SAMPLERS
 from .calibrate import calibrate, checked_sampler, chosen_sampler, method_sigmas
-from .calibration import SCHEDULER_TOOLTIP, TEACHER_STEPS_TOOLTIP, follows_tooltip, latent_samples, method_tooltip
+from .calibration import (CALIBRATION_BATCH_TOOLTIP, SCHEDULER_TOOLTIP, TEACHER_STEPS_TOOLTIP, follows_tooltip,
+                          latent_samples, method_tooltip)
 from .fingerprint import model_fingerprint
 from .methods import METHODS
 from .request import AUTO_SCHEDULER, SCHEDULERS, Request, check_number
@@ -58,7 +59,7 @@ class CalibratedKSampler(io.ComfyNode):
                 io.Int.Input("teacher_steps", default=0, min=0, max=4000,
                              tooltip=TEACHER_STEPS_TOOLTIP + " Ignored when reusing a calibration."),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,
-                             tooltip="Noise samples for calibrating (ignored when reusing)."),
+                             tooltip=CALIBRATION_BATCH_TOOLTIP + " Ignored when reusing a calibration."),
                 CalibrationType.Input("calibration", optional=True,
                                       tooltip="A calibration from Calibrate Sampler or Load Calibration."),
             ],
