@@ -1,5 +1,5 @@
-"""What a calibration costs, and what a shorter teacher changes: KSampler (Calibrated)'s `auto` calibration
-(method all, scheduler auto) made by the nodes' own `fit` with a fixed teacher and with teacher_steps auto.
+"""What a calibration costs, and what a shorter teacher changes: Calibrate Sampler's method `all` with scheduler
+auto, made by the nodes' own `fit`, with a fixed teacher and with teacher_steps auto.
 
     make bench-cost                                  # digits and closed-form models, NFE 5 and 10
     make bench-cost ARGS="--models sharp_sd15 --nfe 5"
@@ -64,7 +64,7 @@ def measure(case, nfe, teacher_steps):
 
 def markdown(results):
     lines = ["# Calibration cost", "",
-             f"KSampler (Calibrated)'s auto calibration (method all, scheduler auto), calibration batch "
+             f"Calibrate Sampler's method all with scheduler auto, calibration batch "
              f"{CALIBRATION_BATCH}, cfg 3. Calls: guided model calls on the whole calibration batch (a half-batch "
              "call counts one half). Held-out: RMSE against a 500-step teacher on 16 new seeds, the calibration's "
              "prompts.", "",
