@@ -4,9 +4,10 @@ from comfy_api.latest import ComfyExtension, io
 CATEGORY = "sampling/calibrated_samplers"
 CalibrationType = io.Custom("CALIBRATION")
 
-from . import store  # noqa: E402
+from . import ksampler_schedulers, store  # noqa: E402
 
 store.register_folder()
+ksampler_schedulers.register()
 
 from .calibration import CalibrateSampler, CalibrationSigmas, LoadCalibration  # noqa: E402
 from .ksampler import CalibratedKSampler  # noqa: E402

@@ -19,7 +19,7 @@ def _free_port():
 
 
 class ComfyServer:
-    def __init__(self, comfyui_dir, pack_dir, extra_nodes=(), pack_name="calibrated-samplers-under-test"):
+    def __init__(self, comfyui_dir, pack_dir, extra_nodes=(), pack_name="calibrated-samplers-under-test", env=None):
         self.base = Path(tempfile.mkdtemp(prefix="comfy-base-"))
         (self.base / "custom_nodes").mkdir()
         os.symlink(pack_dir, self.base / "custom_nodes" / pack_name)
@@ -32,7 +32,8 @@ class ComfyServer:
             [sys.executable, str(Path(comfyui_dir) / "main.py"), "--cpu", "--listen", "127.0.0.1",
              "--port", str(self.port), "--base-directory", str(self.base), "--disable-auto-launch",
              "--database-url", "sqlite:///:memory:"],
-            cwd=comfyui_dir, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=comfyui_dir, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout=120):
         deadline = time.time() + timeout

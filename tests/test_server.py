@@ -223,3 +223,58 @@ def test_load_calibration_follows_its_file(comfy_server):
     os.unlink(folder / "follow.safetensors")
     gone = comfy_server.run_prompt(prompt)
     assert "follow.safetensors" in str(gone)
+
+
+def _ksampler_prompt(scheduler):
+    return {
+        "1": _tiny_model("gmm_eps", 2),
+        "2": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 7, "steps": 5, "cfg": 2.0, "sampler_name": "dpmpp_2m", "scheduler": scheduler,
+            "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 1.0}},
+        "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "scheduler"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def server_with_schedulers():
+    """A second real server, started with the opt-in setting on."""
+    import host
+    from comfy_server import ComfyServer
+    from calibrated_samplers.nodes.ksampler_schedulers import SETTING
+    server = ComfyServer(host.COMFYUI_DIR, host.ROOT, extra_nodes=[host.TESTS / "tinymodels"], env={SETTING: "1"})
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _scheduler_lists(object_info):
+    """{node: its scheduler combo} for every node in /object_info with an input named scheduler."""
+    out = {}
+    for name, info in object_info.items():
+        for group in ("required", "optional"):
+            spec = info.get("input", {}).get(group, {}).get("scheduler")
+            if spec and isinstance(spec[0], list):              # V1 nodes: [options, {...}]
+                out[name] = spec[0]
+            elif spec and spec[0] == "COMBO":                   # V3 nodes: ["COMBO", {"options": ...}]
+                out[name] = spec[1]["options"]
+    return out
+
+
+def test_the_trust_region_scheduler_is_opt_in(comfy_server, server_with_schedulers, object_info):
+    """Off (the default): no scheduler list changes. On: every core node that lists schedulers (KSampler,
+    KSampler (Advanced), BasicScheduler, ...) offers trust_region after the built-in names, in the same order, and
+    a KSampler workflow with it runs in the real server, while one with karras still runs."""
+    from calibrated_samplers.nodes.ksampler_schedulers import NAME
+    import comfy.samplers
+    off = _scheduler_lists(object_info)
+    assert off["KSampler"] == list(comfy.samplers.SCHEDULER_NAMES) and all(NAME not in v for v in off.values())
+    on = _scheduler_lists(server_with_schedulers.get("/object_info"))
+    assert {"KSampler", "KSamplerAdvanced", "BasicScheduler", "CalibratedKSampler"} <= set(off) and set(on) == set(off)
+    for node in off:
+        assert on[node] == [*off[node], NAME], node
+    for scheduler in (NAME, "karras"):
+        result = server_with_schedulers.run_prompt(_ksampler_prompt(scheduler))
+        assert result.get("status", {}).get("status_str") == "success", (result, server_with_schedulers.output())
+    refused = comfy_server.post("/prompt", {"prompt": _ksampler_prompt(NAME)})
+    assert "prompt_id" not in refused and "trust_region" in str(refused)
