@@ -100,7 +100,8 @@ def _teacher(case):
         start = time.perf_counter()
         with torch.inference_mode():
             trajectory = run.trajectory
-        case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "memos": {}}
+        case.calibration = {"trajectory": trajectory, "teacher_seconds": time.perf_counter() - start, "memos": {},
+                            "screens": {}}
     return case.calibration
 
 
@@ -123,7 +124,7 @@ def calibrated_runs(case, nfe):
     on calibration batches, sampled on the held-out noise. IIA and TimeTuner on each scheduler of
     CALIBRATED_SCHEDULERS, Heun forms with (nfe + 1) // 2 steps (2 evaluations per step but the last)."""
     from calibrated_samplers.nodes.methods import METHODS
-    from calibrated_samplers.nodes.validation import builtins
+    from calibrated_samplers.nodes.validation import screen_builtins
     for batch in CALIBRATION_BATCHES:
         jobs = [(m, nfe, "karras", "euler", None) for m in ("olss", "olss_p")]
         jobs += [("time_steps", nfe, "karras", base, None) for base in TIME_STEPS_BASES]
@@ -139,7 +140,10 @@ def calibrated_runs(case, nfe):
             start = time.perf_counter()
             with torch.inference_mode():                 # as ComfyUI runs its nodes
                 if method == "time_steps":              # its start may be the built-in screen's best schedule
-                    run.builtins = builtins(run)
+                    screens = _teacher(case)["screens"]      # (one screen per batch and steps, for every base)
+                    if (batch, steps) not in screens:
+                        screens[(batch, steps)] = screen_builtins(run)
+                    run.builtin_screen = screens[(batch, steps)]
                 tensors, diagnostics = METHODS[method].fit(run)
             CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": method,
                                       "scheduler": scheduler, "sampler": base, "batch": batch, "steps": steps,

@@ -58,12 +58,22 @@ def tables(records):
             cells.append(" ".join(cell))
         out.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
     methods = sorted({m for v in best.values() for m in v} - {"built-in"})
-    out += ["", "Best held-out RMSE of each method over schedulers, and the best built-in (14 samplers x 11+ schedulers)",
-            "", "| model | NFE | best built-in | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    out += ["", best_table(best, methods, "Best held-out RMSE of each method over schedulers, and the best built-in "
+                                          "(14 samplers x 11+ schedulers)",
+                           lambda b: f"{b['rmse']:.4f} ({b['sampler']}/{b['scheduler']})",
+                           lambda r, b: f"{r['rmse']:.4f}")]
+    return "\n".join(out)
+
+
+def best_table(best, methods, title, builtin_cell, cell):
+    """A table per (model, NFE) of `best_by`'s records: the best built-in's `builtin_cell(b)`, then each method's
+    `cell(record, b)`."""
+    out = [title, "", "| model | NFE | best built-in | " + " | ".join(methods) + " |",
+           "|---|---|---|" + "---|" * len(methods)]
     for (model, n), found in sorted(best.items()):
         b = found["built-in"]
-        cells = [f"{found[m]['rmse']:.4f}" if m in found else "" for m in methods]
-        out.append(f"| {model} | {n} | {b['rmse']:.4f} ({b['sampler']}/{b['scheduler']}) | " + " | ".join(cells) + " |")
+        cells = [cell(found[m], b) if m in found else "" for m in methods]
+        out.append(f"| {model} | {n} | {builtin_cell(b)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -76,13 +86,10 @@ def family(record):
 def headline(records, methods=("olss", "olss_p", "iia_ddim", "iia_heun", "timetuner", "trust_region", "auto")):
     best = best_by(records, family)
     methods = [m for m in methods if any(m in found for found in best.values())]
-    out = ["Each method at its best scheduler against the best built-in, `(x)`: ratio of held-out RMSE", "",
-           "| model | NFE | best built-in | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
-    for (model, n), found in sorted(best.items()):
-        b = found["built-in"]
-        cells = [f"{found[m]['rmse']:.4f} ({found[m]['rmse'] / b['rmse']:.2f}x)" if m in found else "" for m in methods]
-        out.append(f"| {model} | {n} | {b['rmse']:.4f} {b['sampler']}/{b['scheduler']} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return best_table(best, methods, "Each method at its best scheduler against the best built-in, `(x)`: ratio of "
+                                     "held-out RMSE",
+                      lambda b: f"{b['rmse']:.4f} {b['sampler']}/{b['scheduler']}",
+                      lambda r, b: f"{r['rmse']:.4f} ({r['rmse'] / b['rmse']:.2f}x)")
 
 
 def validation(entries):

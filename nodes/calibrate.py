@@ -18,7 +18,7 @@ from .fingerprint import model_fingerprint
 from .methods import METHODS
 from .request import AUTO_SCHEDULER, AUTO_TEACHER, PROVISIONAL_SCHEDULER, Request, plan
 from .run import CalibrationRun
-from .validation import builtins, choose, validate
+from .validation import choose, screen_builtins, validate
 
 TEACHER_MARGIN = 20            # teacher_steps auto: the teacher's error at most the best built-in's / 20
 SCHEDULER_TRIES = 2            # scheduler auto: the schedules a method that keeps one is fitted on
@@ -61,7 +61,7 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
     request, p = run.request, run.plan
     diagnostics, screen = {}, None
     if request.needs_teacher:
-        screen = run.builtins = builtins(run)
+        screen = run.builtin_screen = screen_builtins(run)
         if request.teacher_steps == AUTO_TEACHER:
             best = min(entry["rmse"] for entry in screen.candidates.values())
             diagnostics["teacher"] = run.settle_teacher(best / TEACHER_MARGIN, check_memory)
@@ -124,7 +124,7 @@ def chosen_sampler(calibration, steps):
 
 def calibration_batch_errors(run, fits, evaluations, builtins, diagnostics):
     """{label: {"rmse": against the teacher's final x, "evaluations": per sample}} on the calibration noises, for
-    each fitted method and the built-ins (`validation.builtins`, measured already): what calibration bought, in
+    each fitted method and the built-ins (`validation.screen_builtins`, measured already): what calibration bought, in
     sample. A run made already is not made again: a fit stored as its plain solver has validation's error of that
     solver on the batch, and a fit whose own diagnostics hold its error on the batch ("rmse") keeps it."""
     final = run.trajectory.final

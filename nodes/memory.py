@@ -19,11 +19,16 @@ from .run import auto_start
 GRAM_WORKSPACE = 256 << 20          # olss.gram_matrix reads the trajectory in buffers of at most this size
 
 
+def _teacher_steps(request, teacher_steps=None) -> int:
+    """The teacher length an estimate is for: the one given, the request's, or teacher_steps auto's first."""
+    return teacher_steps or request.teacher_steps or auto_start(request.steps)
+
+
 def estimate(model, request, latent_shape, teacher_steps=None) -> dict:
     """{"host": bytes, "device": bytes} a calibration of this request needs at its peak, with a teacher of
     `teacher_steps` (default: the request's, or for teacher_steps auto the first length it tries)."""
     numel = request.calibration_batch * math.prod(latent_shape)
-    teacher_steps = teacher_steps or request.teacher_steps or auto_start(request.steps)
+    teacher_steps = _teacher_steps(request, teacher_steps)
     trajectory = Trajectory.bytes_for(teacher_steps, numel) if request.needs_teacher else 0
     host = trajectory + trajectory // 2                       # validation's copy of the fitting half
     host += 4 * numel * (2 * request.steps + 8)               # fit targets, sampling runs' latents and outputs
@@ -36,7 +41,7 @@ def estimate(model, request, latent_shape, teacher_steps=None) -> dict:
 def check(model, request, latent_shape, teacher_steps=None):
     """Raise ValueError with the estimate, what is free and which input to lower, where the calibration would not
     fit: host memory against what is available now, the device against its total memory."""
-    teacher_steps = teacher_steps or request.teacher_steps or auto_start(request.steps)
+    teacher_steps = _teacher_steps(request, teacher_steps)
     need = estimate(model, request, latent_shape, teacher_steps)
     free = psutil.virtual_memory().available
     gib = 2 ** 30

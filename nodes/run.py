@@ -42,7 +42,7 @@ class CalibrationRun:
     memo: dict = field(default_factory=dict, repr=False)    # what methods compute once per run and share
     rows: tuple | None = None       # a part of the calibration batch (a validation fold), or None: all of it
     scheduler: str | None = None    # the scheduler a method samples on here, for scheduler auto (`with_scheduler`)
-    builtins: object = None         # the built-in samplers on the calibration batch (`validation.builtins`), if made
+    builtin_screen: object = None   # the built-ins on the calibration batch (`validation.screen_builtins`), if made
     _trajectory: Trajectory | None = field(default=None, repr=False)
 
     @property
@@ -59,7 +59,8 @@ class CalibrationRun:
                           [d[rows] for d in full.denoised] if states else [], full.final[rows])
         return CalibrationRun(model=self.model, plan=self.plan, positive=_rows_of(self.positive, rows, self.batch),
                               negative=_rows_of(self.negative, rows, self.batch), latent=self.latent,
-                              rows=tuple(rows), scheduler=self.scheduler, builtins=self.builtins, _trajectory=part)
+                              rows=tuple(rows), scheduler=self.scheduler,
+                              builtin_screen=self.builtin_screen, _trajectory=part)
 
     def with_scheduler(self, scheduler):
         """This run (its teacher, noises and shared memo) with the student sigmas of `scheduler`."""

@@ -5,9 +5,9 @@ on the whole batch (its own choices included) and sampled on the other, against 
 error is the RMSE over both held-out halves. Its plain solver on the fit's sigmas (`Method.plain_tensors`;
 for OLSS's searched steps, sigmas chosen on the whole batch) is sampled on the whole batch. A fit that
 validates worse than its plain solver is stored as the plain solver. Built-in samplers are fitted on
-nothing, so their error on the calibration batch is already a validated one (`builtins`: every one-evaluation
-sampler on every scheduler, screened on a few noises first); `choose` picks the lowest of all within a budget
-of model evaluations.
+nothing, so their error on the calibration batch is already a validated one (`screen_builtins`: every
+one-evaluation sampler on every scheduler, screened on a few noises first); `choose` picks the lowest of all
+within a budget of model evaluations.
 """
 from dataclasses import dataclass
 
@@ -60,7 +60,7 @@ def choose(candidates, evaluations):
 
 @dataclass
 class BuiltinScreen:
-    """The built-in samplers on the calibration batch (`builtins`)."""
+    """The built-in samplers on the calibration batch (`screen_builtins`)."""
     candidates: dict            # {label: {"rmse", "sampler", "scheduler", "sigmas", "evaluations"}}: the kept ones
     finals: dict                # {label: final x of a kept one, on the host}
     screened: dict              # {(sampler, scheduler): RMSE on the screening noises}, for every one run
@@ -76,7 +76,7 @@ class BuiltinScreen:
         return [scheduler for _, scheduler in ranked[:count]]
 
 
-def builtins(run) -> BuiltinScreen:
+def screen_builtins(run) -> BuiltinScreen:
     """The built-in samplers `auto` chooses from, on the calibration batch at the request's steps: every
     ONE_EVALUATION sampler on every scheduler that gives those steps is screened on the first eighth of the
     noises (one of 8), and the SCREEN_KEEP best of them are run on the rest, so their errors are over the whole

@@ -23,12 +23,15 @@ from .coordinates import NoiseSchedule
 
 
 def fit_time_steps(error, start, schedule: NoiseSchedule, regulariser: float = 1e-2, h: float = 0.02,
-                   maxiter: int = 12, check=None):
+                   maxiter: int = 12, check=None, start_error=None):
     """(sigmas [N + 1] float64, {"start_error", "error", "evaluations"}) for a start schedule `start` (N + 1
-    sigmas from sigma_max, ending in 0). `error(sigmas)` -> float runs the sampler; `check()` may raise (Cancel)."""
+    sigmas from sigma_max, ending in 0). `error(sigmas)` -> float runs the sampler; `check()` may raise (Cancel).
+    `start_error`: error(start), where the caller has measured it already (then not run again, nor counted)."""
     start = np.asarray(start, dtype=np.float64)
     n = len(start) - 1
-    seen = {}
+    lam0 = np.asarray(schedule.lambda_(start[1:-1]), dtype=np.float64)
+    seen = {} if start_error is None else {np.round(lam0, 12).tobytes(): (float(start_error), lam0.copy())}
+    given = len(seen)
 
     def sigmas_of(lam):
         return np.concatenate([start[:1], np.asarray(schedule.sigma_of_lambda(lam), dtype=np.float64), [0.0]])
@@ -41,9 +44,8 @@ def fit_time_steps(error, start, schedule: NoiseSchedule, regulariser: float = 1
             seen[key] = (float(error(sigmas_of(lam))), lam.copy())
         return seen[key][0]
 
-    lam0 = np.asarray(schedule.lambda_(start[1:-1]), dtype=np.float64)
     if n < 2:
-        return start, {"start_error": measured(lam0), "error": measured(lam0), "evaluations": 1}
+        return start, {"start_error": measured(lam0), "error": measured(lam0), "evaluations": 1 - given}
     scale = max(measured(lam0), 1e-12)
 
     def objective(lam):
@@ -84,4 +86,4 @@ def fit_time_steps(error, start, schedule: NoiseSchedule, regulariser: float = 1
     best_error, best = min(seen.values(), key=lambda item: item[0] / scale + regulariser * float(
         np.mean((item[1] - lam0) ** 2)))
     return sigmas_of(best), {"start_error": seen[np.round(lam0, 12).tobytes()][0], "error": best_error,
-                             "evaluations": len(seen)}
+                             "evaluations": len(seen) - given}

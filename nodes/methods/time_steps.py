@@ -54,14 +54,15 @@ class TimeSteps(Method):
             return rmse(x.cpu(), final) ** 2
 
         starts = {"trust region": start_sigmas(run.schedule, request.steps, request.sampler_name)}
-        if run.builtins is not None:            # (`validation.builtins`, where the calibration made one)
-            for scheduler in run.builtins.schedulers_for(request.sampler_name, 1, 0.0):
+        if run.builtin_screen is not None:      # (where the calibration made one)
+            for scheduler in run.builtin_screen.schedulers_for(request.sampler_name, 1, 0.0):
                 starts[scheduler] = ksampler_sigmas(run.model.get_model_object("model_sampling"), scheduler,
                                                     request.steps, request.sampler_name).double()
         start_errors = {label: error(sigmas) for label, sigmas in starts.items()} if len(starts) > 1 else {}
         chosen = min(start_errors, key=start_errors.get) if start_errors else "trust region"
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
-        sigmas, facts = time_steps.fit_time_steps(error, starts[chosen].numpy(), run.schedule, check=interrupted)
+        sigmas, facts = time_steps.fit_time_steps(error, starts[chosen].numpy(), run.schedule, check=interrupted,
+                                                  start_error=start_errors.get(chosen))
         tensors = finite(self.name, {"sigmas": torch.from_numpy(sigmas).float(), "start": starts[chosen].float()})
         steps = model_evaluations(request.sampler_name, request.steps)
         return tensors, {"sampler_name": request.sampler_name, "step_error": [], "rmse": facts["error"] ** 0.5,
