@@ -11,22 +11,31 @@ DETERMINISTIC_SAMPLERS = ["euler", "ddim", "heun", "heunpp2", "dpm_2", "lms", "d
 ONE_EVALUATION = [s for s in DETERMINISTIC_SAMPLERS if s not in ("ddim", "heun", "heunpp2", "dpm_2")]
 
 
-def schedules(model_sampling, steps, sampler_name) -> dict:
+def schedules(model_sampling, steps, sampler_name, denoise=1.0, start=None) -> dict:
     """{scheduler: sigmas} for every ComfyUI scheduler that gives `steps` steps (as KSampler makes them for the
-    sampler)."""
+    sampler and denoise); with `start`, only those that start there (a partial pass's start sets its noise)."""
     out = {}
     for scheduler in comfy.samplers.SCHEDULER_NAMES:
-        sigmas = ksampler_sigmas(model_sampling, scheduler, steps, sampler_name)
-        if len(sigmas) - 1 == steps and bool(torch.all(sigmas[1:] < sigmas[:-1])):
+        sigmas = ksampler_sigmas(model_sampling, scheduler, steps, sampler_name, denoise)
+        if len(sigmas) - 1 == steps and bool(torch.all(sigmas[1:] < sigmas[:-1])) \
+                and (start is None or same_start(float(sigmas[0]), start)):
             out[scheduler] = sigmas
     return out
 
 
-def ksampler_sigmas(model_sampling, scheduler, steps, sampler_name=None):
-    """Sigmas as ComfyUI's KSampler makes them (it drops the penultimate sigma for some samplers)."""
+def same_start(sigma, start) -> bool:
+    return abs(sigma - start) <= 1e-3 * start
+
+
+def ksampler_sigmas(model_sampling, scheduler, steps, sampler_name=None, denoise=1.0):
+    """Sigmas as ComfyUI's KSampler makes them: it drops the penultimate sigma for some samplers, and for denoise
+    below 1 takes the last steps + 1 sigmas of the schedule for int(steps / denoise) steps."""
     discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
-    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + discard)
-    return drop_penultimate(sigmas) if discard else sigmas
+    partial = denoise <= 0.9999
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, (int(steps / denoise) if partial else steps)
+                                             + discard)
+    sigmas = drop_penultimate(sigmas) if discard else sigmas
+    return sigmas[-(steps + 1):] if partial else sigmas
 
 
 def drop_penultimate(sigmas):

@@ -10,13 +10,13 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
-from ..optimizers.calibration import Calibration, check_same_sigmas
+from ..optimizers.calibration import Calibration, CalibrationMismatch, check_same_sigmas
 from ..optimizers.coordinates import NoiseSchedule
 from ..optimizers.teacher import rmse
 from . import memory, store
 from .fingerprint import model_fingerprint
 from .methods import METHODS
-from .request import AUTO_SCHEDULER, AUTO_TEACHER, PROVISIONAL_SCHEDULER, Request, plan
+from .request import AUTO_SCHEDULER, AUTO_TEACHER, Request, denoise_of, plan
 from .run import CalibrationRun
 from .validation import choose, screen_builtins, validate
 
@@ -27,16 +27,20 @@ SCHEDULER_TRIES = 2            # scheduler auto: the schedules a method that kee
 def calibrate(model, positive, negative, latent, request: Request, refit=False):
     """(Calibration, the teacher's final x in the model's space, or None when there was no teacher run or a
     stored calibration was reused). `latent`: [B, C, H, W], its first sample sets the shape."""
-    p = plan(model, tuple(latent.shape[1:]), request)
+    starts = "noise" if request.denoise >= 1 else "latent_image" if bool(latent.abs().amax() > 0) else "teacher"
+    p = plan(model, tuple(latent.shape[1:]), request, starts)
     if not refit:
         found = store.find(p.key)
         if found is not None:
             logging.info("Calibrated Samplers: reusing stored calibration %s", p.key)
             return found, None
-    label = f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}"
+    label = f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}" + \
+        (f"-denoise{request.denoise:g}" if p.partial else "")
     store.check_writable(label, p.key, store.size_bound(request.steps, p.methods))
     memory.check(model, request, tuple(latent.shape[1:]))
     run = CalibrationRun(model=model, plan=p, positive=positive, negative=negative, latent=latent[:1])
+    if p.partial and request.needs_teacher:
+        run.starts = run.starting_pictures(latent)
     calibration = fit(run, tuple(latent.shape[1:]),
                       lambda steps: memory.check(model, request, tuple(latent.shape[1:]), teacher_steps=steps))
     try:
@@ -60,6 +64,8 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
     (`diagnostics[method]["scheduler"]`); the others sample on the scheduler where euler screened best."""
     request, p = run.request, run.plan
     diagnostics, screen = {}, None
+    if run.starts is not None:
+        diagnostics["starts"] = run.starts
     if request.needs_teacher:
         screen = run.builtin_screen = screen_builtins(run)
         if request.teacher_steps == AUTO_TEACHER:
@@ -71,9 +77,9 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
             diagnostics["teacher"] = {"steps": request.teacher_steps, "evaluations": run.teacher_evaluations}
         diagnostics["builtins_evaluations"] = screen.evaluations
     auto = screen is not None and request.sigmas is None and request.scheduler == AUTO_SCHEDULER
-    if auto:            # (the provisional one, where no scheduler that starts at sigma_max gives these steps)
-        best = screen.schedulers_for("euler", 1, p.schedule.sigma_max)
-        run = run.with_scheduler(best[0] if best else PROVISIONAL_SCHEDULER)
+    if auto:            # (the provisional one, where no scheduler that starts at the start gives these steps)
+        best = screen.schedulers_for("euler", 1, p.start)
+        run = run.with_scheduler(best[0] if best else request.provisional_scheduler)
     fits, evaluations, validated = {}, {}, {}
     for name in p.methods:
         method = METHODS[name]
@@ -81,7 +87,7 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
         tries = [run]
         if auto and "scheduler" in method.follows:
             tries = [run.with_scheduler(scheduler) for scheduler in screen.schedulers_for(
-                method.plain_sampler(p.settings), SCHEDULER_TRIES, p.schedule.sigma_max)] or tries
+                method.plain_sampler(p.settings), SCHEDULER_TRIES, p.start)] or tries
         tried = {}
         for attempt in tries:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -139,6 +145,15 @@ def calibration_batch_errors(run, fits, evaluations, builtins, diagnostics):
             error = rmse(run.sample_fit(METHODS[name], tensors), final)
         errors[name] = {"rmse": error, "evaluations": evaluations[name]}
     return {**errors, **builtins}
+
+
+def check_denoise(calibration, denoise):
+    """CalibrationMismatch unless the calibration was fitted for this denoise (a partial pass starts elsewhere)."""
+    fitted = denoise_of(calibration.settings)
+    if abs(fitted - denoise) > 1e-4:
+        raise CalibrationMismatch(f"this calibration was fitted for denoise {fitted:g}, not {denoise:g}: set denoise "
+                                  f"to {fitted:g}, or calibrate for denoise {denoise:g} (leave the calibration input "
+                                  "unconnected and KSampler (Calibrated) makes one)")
 
 
 def method_sigmas(calibration, method):

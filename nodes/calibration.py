@@ -20,7 +20,8 @@ TEACHER_STEPS_TOOLTIP = ("Steps of the accurate teacher run (third order) that t
 SCHEDULER_TOOLTIP = ("Student sigmas. auto: every scheduler is tried with the built-in samplers on calibration "
                      "noises, and each method that keeps a schedule is fitted on the two where its plain sampler "
                      "did best and keeps the one that validates best (in KSampler (Calibrated), auto takes the "
-                     "calibration's choice). Sigmas")
+                     "calibration's choice). At denoise below 1, auto starts where KSampler's simple scheduler "
+                     "starts for that denoise and compares only schedules from there. Sigmas")
 
 
 CALIBRATION_BATCH_TOOLTIP = ("Noise samples the fits and their validation see. More generalizes better and is "
@@ -90,6 +91,12 @@ class CalibrateSampler(io.ComfyNode):
                 io.Boolean.Input("refit", default=False, optional=True,
                                  tooltip="Calibrate again even if a matching stored calibration exists."),
                 *method_inputs(),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="As KSampler's: below 1, calibrate a partial pass (img2img, a hires fix's "
+                                       "second pass) from the sigma KSampler starts at for this denoise, on "
+                                       "latent_image's pictures re-noised there, or the teacher's own pictures when "
+                                       "latent_image is empty. With sigmas connected, their first sigma is the "
+                                       "start and denoise below 1 only says that the pass starts from a picture."),
             ],
             outputs=[CalibrationType.Output(display_name="calibration"),
                      io.Latent.Output(display_name="teacher_latent",
@@ -100,9 +107,10 @@ class CalibrateSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, cfg, steps, teacher_steps, calibration_batch,
-                method, scheduler=AUTO_SCHEDULER, sampler_name="euler", sigmas=None, refit=False,
+                method, scheduler=AUTO_SCHEDULER, sampler_name="euler", sigmas=None, refit=False, denoise=1.0,
                 **options) -> io.NodeOutput:
-        request = Request.from_inputs(method, sigmas, seed=seed, cfg=cfg, steps=steps, teacher_steps=teacher_steps,
+        request = Request.from_inputs(method, sigmas, seed=seed, cfg=cfg, steps=steps, denoise=denoise,
+                                      teacher_steps=teacher_steps,
                                       calibration_batch=calibration_batch, scheduler=scheduler,
                                       sampler_name=sampler_name, **options)
         calibration, final = calibrate(model, positive, negative, latent_samples(model, latent_image), request, refit)

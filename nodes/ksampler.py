@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from . import CATEGORY, CalibrationType
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import DETERMINISTIC_SAMPLERS
-from .calibrate import calibrate, checked_sampler, chosen_sampler, method_sigmas
+from .calibrate import calibrate, check_denoise, checked_sampler, chosen_sampler, method_sigmas
 from .calibration import (CALIBRATION_BATCH_TOOLTIP, SCHEDULER_TOOLTIP, TEACHER_STEPS_TOOLTIP, follows_tooltip,
                           latent_samples, method_tooltip)
 from .fingerprint import model_fingerprint
@@ -48,9 +48,13 @@ class CalibratedKSampler(io.ComfyNode):
                                tooltip=follows_tooltip("scheduler", SCHEDULER_TOOLTIP)),
                 io.Conditioning.Input("positive", tooltip="What to include in the image."),
                 io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
-                io.Latent.Input("latent_image", tooltip="The empty latent to denoise (sets size and batch)."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise: an empty one (sets size and batch), or "
+                                                        "a picture for denoise below 1."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Calibrated methods sample from pure noise: only 1.0 is supported."),
+                               tooltip="As KSampler's: below 1 the pass starts from latent_image re-noised to the "
+                                       "sigma KSampler starts at (img2img, a hires fix's second pass). A calibration "
+                                       "is fitted for one denoise; its starting pictures are latent_image's, or the "
+                                       "teacher's own when latent_image is empty."),
                 io.Combo.Input("method", options=[AUTO, *METHODS], default=AUTO,
                                tooltip=method_tooltip("auto: whichever validated best on calibration noises it was "
                                                       "not fitted on, a built-in sampler included, within these "
@@ -72,13 +76,12 @@ class CalibratedKSampler(io.ComfyNode):
         check_number("denoise", denoise, 0, 1)
         check_number("cfg", cfg, 0)
         check_number("steps", steps, 1, integer=True)
-        if denoise < 1:
-            raise ValueError(f"denoise {denoise}: calibrated samplers are fitted for sampling from pure noise "
-                             "(denoise 1.0); use KSampler for img2img")
+        if denoise <= 0:
+            raise ValueError("denoise 0: nothing to sample; use denoise above 0 (KSampler returns the latent as it is)")
         latent = latent_image.copy()
         samples = latent_samples(model, latent)
         if calibration is None:
-            request = Request.from_inputs(method, seed=0, cfg=cfg, steps=steps,
+            request = Request.from_inputs(method, seed=0, cfg=cfg, steps=steps, denoise=denoise,
                                           teacher_steps=teacher_steps, calibration_batch=calibration_batch,
                                           scheduler=scheduler, sampler_name=sampler_name)
             calibration, _ = calibrate(model, positive, negative, samples, request)
@@ -86,6 +89,7 @@ class CalibratedKSampler(io.ComfyNode):
             family = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling")).family
             calibration.check_compatible(family=family, fingerprint=model_fingerprint(model), steps=steps, cfg=cfg,
                                          latent_shape=tuple(samples.shape[1:]))
+            check_denoise(calibration, denoise)
             if method in METHODS:
                 METHODS[method].check_use(calibration.settings, sampler_name=sampler_name, scheduler=scheduler)
         if method == AUTO:

@@ -99,7 +99,9 @@ def draw_report(calibration) -> Image.Image:
     top = max(max(s) for s in sigmas.values())
     bottom = min(min(s) for s in sigmas.values())
     reference = get_sigmas_karras(steps, bottom, top)[:-1].tolist()
-    panel = _Panel(draw, 0, f"Student sigmas ({calibration.family}, cfg {calibration.cfg:g})",
+    denoise = calibration.settings.get("denoise")
+    passes = "" if denoise is None else f", denoise {denoise['denoise']:g} from {denoise['starts'].replace('_', ' ')}"
+    panel = _Panel(draw, 0, f"Student sigmas ({calibration.family}, cfg {calibration.cfg:g}{passes})",
                    list(range(steps + 1)), [v for s in sigmas.values() for v in s] + reference,
                    xlabel="step")
     panel.line(range(len(reference)), reference, GREY, "karras", 0, dashed=True)

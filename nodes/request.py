@@ -22,6 +22,7 @@ from .methods import ALL, METHODS, NotApplicable
 TEACHER_SOLVER = "dpmpp_3m_lambda"
 AUTO_SCHEDULER = "auto"         # scheduler auto: each method that keeps a schedule tries the best built-in ones
 PROVISIONAL_SCHEDULER = "karras"    # scheduler auto's sigmas before the built-ins are screened (or if none fits)
+PARTIAL_SCHEDULER = "simple"    # scheduler auto in a partial pass starts where KSampler's default scheduler does
 SCHEDULERS = [AUTO_SCHEDULER, *comfy.samplers.SCHEDULER_NAMES]
 AUTO_TEACHER = 0                # teacher_steps 0: as long as the student needs (`CalibrationRun.settle_teacher`)
 
@@ -37,6 +38,7 @@ class Request:
     scheduler: str = "karras"       # the student sigmas, unless `sigmas` are given
     sampler_name: str = "euler"     # the sampler a method tunes, where one does
     sigmas: tuple | None = None     # student sigmas the user gave, or None
+    denoise: float = 1.0            # below 1: a partial pass (img2img, hires fix) from KSampler's start for it
     options: tuple = ()             # (name, value) of the inputs a method declares for itself (`Method.inputs`)
 
     @classmethod
@@ -54,6 +56,14 @@ class Request:
             steps, settings = inputs.get("steps"), {"sampler_name": inputs.get("sampler_name", "euler")}
             methods = tuple(m for m in ALL if METHODS[m].evaluations(steps, settings) <= steps)
         return cls(methods=methods, sigmas=given, options=options, **{k: v for k, v in inputs.items() if k in names})
+
+    @property
+    def provisional_scheduler(self) -> str:
+        """The scheduler, or for scheduler auto the one whose sigmas stand in until the built-ins are screened (in a
+        partial pass, the one whose start it keeps: another start is another noise level)."""
+        if self.scheduler != AUTO_SCHEDULER:
+            return self.scheduler
+        return PARTIAL_SCHEDULER if self.denoise < 1 else PROVISIONAL_SCHEDULER
 
     def option(self, name, default=None):
         return dict(self.options).get(name, default)
@@ -73,6 +83,16 @@ class Plan:
     fingerprint: str
     key: str
 
+    @property
+    def partial(self) -> bool:
+        """A pass from an image re-noised to the student's first sigma (denoise below 1)."""
+        return self.request.denoise < 1
+
+    @property
+    def start(self) -> float:
+        """The sigma the teacher and the built-ins compared start from: sigma_max, or a partial pass's start."""
+        return float(self.sigmas[0]) if self.partial else self.schedule.sigma_max
+
 
 def check_number(name, value, low=None, high=None, integer=False):
     """Raise ValueError naming the input unless `value` is a finite number (an integer) within [low, high]."""
@@ -85,9 +105,14 @@ def check_number(name, value, low=None, high=None, integer=False):
         raise ValueError(f"{name} {value!r}: expected {bounds}")
 
 
-def plan(model, latent_shape, request: Request) -> Plan:
-    """Check the request against the model; raises ValueError naming the input that is wrong."""
+def plan(model, latent_shape, request: Request, starts="noise") -> Plan:
+    """Check the request against the model; raises ValueError naming the input that is wrong. `starts`: what a
+    partial pass (denoise below 1) starts from: "latent_image" (the one given) or "teacher" (the teacher's own
+    pictures; `run.own_pictures`)."""
     check_number("cfg", request.cfg, 0)
+    check_number("denoise", request.denoise, 0, 1)
+    if request.denoise <= 0:
+        raise ValueError("denoise 0: nothing to sample (KSampler returns the latent as it is)")
     check_number("steps", request.steps, 1, integer=True)
     if request.teacher_steps != AUTO_TEACHER:
         check_number("teacher_steps", request.teacher_steps, 2, integer=True)
@@ -106,11 +131,14 @@ def plan(model, latent_shape, request: Request) -> Plan:
     else:
         if request.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {request.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-        provisional = PROVISIONAL_SCHEDULER if request.scheduler == AUTO_SCHEDULER else request.scheduler
-        student = ksampler_sigmas(ms, provisional, request.steps).double()
+        student = ksampler_sigmas(ms, request.provisional_scheduler, request.steps, denoise=request.denoise).double()
         if len(student) - 1 != request.steps:
             raise ValueError(f"scheduler {request.scheduler} gives {len(student) - 1} steps for steps "
-                             f"{request.steps}: choose another steps or scheduler, or connect sigmas")
+                             f"{request.steps}{'' if request.denoise == 1 else f' at denoise {request.denoise:g}'}: "
+                             "choose another steps or scheduler, or connect sigmas")
+    if request.denoise < 1 and not schedule.sigma_min < float(student[0]) < schedule.sigma_max:
+        raise ValueError(f"denoise {request.denoise:g}: the pass would start at sigma {float(student[0]):.4g}, "
+                         f"outside the model's ({schedule.sigma_min:.4g}, {schedule.sigma_max:.4g}); raise denoise")
     if request.needs_teacher and request.teacher_steps != AUTO_TEACHER and request.steps > request.teacher_steps // 2:
         raise ValueError(f"steps {request.steps} is too many for a {request.teacher_steps}-step teacher: use at most "
                          f"{request.teacher_steps // 2} steps, or raise teacher_steps to {2 * request.steps} or more")
@@ -128,8 +156,16 @@ def plan(model, latent_shape, request: Request) -> Plan:
     settings = {"teacher": {"steps": teacher_steps, "solver": TEACHER_SOLVER},
                 "seed": int(request.seed), "batch": int(request.calibration_batch), "methods": methods,
                 "given_sigmas": None if request.sigmas is None else [round(v, 6) for v in request.sigmas]}
+    if request.denoise < 1:         # (absent at denoise 1: the keys of full-pass calibrations stay as they were)
+        settings["denoise"] = {"denoise": round(float(request.denoise), 4), "starts": starts,
+                               "start_sigma": round(float(student[0]), 6)}
     for name in methods:
         settings.update(METHODS[name].settings(request))
     fingerprint = model_fingerprint(model)
     key = calibration_key(schedule.family, fingerprint, request.steps, request.cfg, latent_shape, settings)
     return Plan(request, tuple(methods), schedule, student, settings, fingerprint, key)
+
+
+def denoise_of(settings) -> float:
+    """The denoise a calibration was fitted for (1 where its settings name none)."""
+    return settings.get("denoise", {}).get("denoise", 1.0)

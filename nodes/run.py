@@ -20,7 +20,7 @@ import latent_preview
 
 from ..optimizers.teacher import Trajectory, error_estimate, sample_teacher, steps_for, teacher_sigmas
 from .builtins import ksampler_sigmas
-from .request import AUTO_SCHEDULER, PROVISIONAL_SCHEDULER, Plan
+from .request import Plan
 
 AUTO_MAX_STEPS = 1000           # the longest teacher that teacher_steps auto takes
 
@@ -36,13 +36,15 @@ class CalibrationRun:
     plan: Plan
     positive: list
     negative: list
-    latent: torch.Tensor            # one sample's latent, [1, C, H, W]
+    latent: torch.Tensor            # one sample's latent [1, C, H, W]; for a partial pass (denoise below 1) the
+                                    # calibration batch's starting pictures [B, C, H, W] (`starting_pictures`)
     teacher_seconds: float = 0.0
     teacher_evaluations: int = 0    # batched model calls of every teacher run
     memo: dict = field(default_factory=dict, repr=False)    # what methods compute once per run and share
     rows: tuple | None = None       # a part of the calibration batch (a validation fold), or None: all of it
     scheduler: str | None = None    # the scheduler a method samples on here, for scheduler auto (`with_scheduler`)
     builtin_screen: object = None   # the built-ins on the calibration batch (`validation.screen_builtins`), if made
+    starts: dict | None = None      # a partial pass: where its pictures came from (`starting_pictures`)
     _trajectory: Trajectory | None = field(default=None, repr=False)
 
     @property
@@ -78,8 +80,7 @@ class CalibrationRun:
     def scheduler_name(self) -> str:
         """The scheduler of the student sigmas: this run's (`with_scheduler`), else the request's (for scheduler
         auto before a choice, the provisional one)."""
-        return self.scheduler or (self.request.scheduler if self.request.scheduler != AUTO_SCHEDULER
-                                  else PROVISIONAL_SCHEDULER)
+        return self.scheduler or self.request.provisional_scheduler
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -87,17 +88,22 @@ class CalibrationRun:
         if self.request.sigmas is not None or self.scheduler is None:
             return self.plan.sigmas
         return ksampler_sigmas(self.model.get_model_object("model_sampling"), self.scheduler,
-                               self.request.steps).double()
+                               self.request.steps, denoise=self.request.denoise).double()
 
     def sample(self, function, sigmas, **options):
         """Final x of `function` run as a KSAMPLER inside ComfyUI's sampling call, on the calibration
         noises (the same noises for every method and the teacher), in the model's own space: the x that
         `function` returns, where the teacher's states are recorded too, not the LATENT that ComfyUI
-        makes of it (`process_latent_out`). `sigmas` are copied: some ComfyUI samplers write into them."""
-        latent = self.latent[:1].repeat(self.request.calibration_batch, *[1] * (self.latent.ndim - 1))
-        noise = comfy.sample.prepare_noise(latent, self.request.seed)
+        makes of it (`process_latent_out`). `sigmas` are copied: some ComfyUI samplers write into them. A partial
+        pass starts from its pictures re-noised by ComfyUI to the first sigma, as KSampler's do."""
+        return self._sample(self.latent, self.request.seed, function, sigmas, **options)
+
+    def _sample(self, latent, seed, function, sigmas, **options):
+        batch = self.request.calibration_batch
+        latent = latent if len(latent) == batch else latent[:1].repeat(batch, *[1] * (latent.ndim - 1))
+        noise = comfy.sample.prepare_noise(latent, seed)
         if self.rows is not None:
-            latent, noise = latent[:len(self.rows)], noise[list(self.rows)]
+            latent, noise = latent[list(self.rows)], noise[list(self.rows)]
         final = []
 
         def recorded(*args, **kwargs):
@@ -107,7 +113,7 @@ class CalibrationRun:
         sampler = comfy.samplers.KSAMPLER(recorded, extra_options=options)
         callback = latent_preview.prepare_callback(self.model, len(sigmas) - 1)
         comfy.sample.sample_custom(self.model, noise, self.request.cfg, sampler, sigmas.clone(), self.positive,
-                                   self.negative, latent, callback=callback, seed=self.request.seed,
+                                   self.negative, latent, callback=callback, seed=seed,
                                    disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         return final[-1]
 
@@ -131,7 +137,7 @@ class CalibrationRun:
     def take_teacher(self, steps):
         """Run the teacher for `steps` steps on the calibration noises and keep its trajectory."""
         given = self.sigmas if self.request.sigmas is not None else None
-        grid = teacher_sigmas(self.schedule, steps, through=given)
+        grid = teacher_sigmas(self.schedule, steps, through=given, top=self.plan.start)
         trajectory = Trajectory.for_budget(grid, self.request.calibration_batch * self.latent[0].numel())
         start = time.perf_counter()
         self.sample(sample_teacher, grid, schedule=self.schedule, trajectory=trajectory)
@@ -152,7 +158,8 @@ class CalibrationRun:
         "target", "floor", "evaluations"} (the teacher's batched model calls, every run counted)."""
         steps = len(self.trajectory.sigmas) - 1
         shorter = math.ceil(2 * steps / 3)       # (half the steps can be too few for a stable third-order run)
-        coarse = self.sample(sample_teacher, teacher_sigmas(self.schedule, shorter), schedule=self.schedule).cpu()
+        coarse = self.sample(sample_teacher, teacher_sigmas(self.schedule, shorter, top=self.plan.start),
+                             schedule=self.schedule).cpu()
         self.teacher_evaluations += shorter
         estimate = error_estimate(self.trajectory.final, coarse, steps, shorter)
         floor = False
@@ -168,6 +175,22 @@ class CalibrationRun:
             floor, steps = estimate > last / 1.5, longer
         return {"steps": steps, "estimate": estimate, "target": target, "floor": floor,
                 "evaluations": self.teacher_evaluations}
+
+    def starting_pictures(self, latent) -> dict:
+        """For a partial pass (denoise below 1): the pictures its calibration noises start from, kept as this run's
+        `latent`: the node's `latent` samples in turn where it holds a picture (img2img, a hires fix's upscaled
+        first pass), else the teacher's own pictures (`auto_start` steps from sigma_max, on the noises of seed + 1:
+        not those they are re-noised with). Returns where they came from and the batched model calls made."""
+        source = self.plan.settings["denoise"]["starts"]
+        if source == "latent_image":
+            self.latent = latent[torch.arange(self.request.calibration_batch) % len(latent)]
+            return {"from": source, "evaluations": 0}
+        steps = auto_start(self.request.steps)
+        x = self._sample(torch.zeros_like(latent[:1]), self.request.seed + 1, sample_teacher,
+                         teacher_sigmas(self.schedule, steps), schedule=self.schedule)
+        self.teacher_evaluations += steps
+        self.latent = self.model.model.process_latent_out(x.float()).cpu()
+        return {"from": source, "steps": steps, "evaluations": steps}
 
     def teacher_states(self, sigmas) -> list:
         """The teacher's state at each of `sigmas` (a fit's targets)."""

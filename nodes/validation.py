@@ -17,7 +17,7 @@ import comfy.model_management
 import comfy.samplers
 
 from ..optimizers.teacher import rmse
-from .builtins import ONE_EVALUATION, model_evaluations, schedules
+from .builtins import ONE_EVALUATION, model_evaluations, same_start, schedules
 from .methods import METHODS
 
 SCREEN_KEEP = 6             # built-ins (sampler, scheduler) that go on from the screen to the whole batch
@@ -67,18 +67,19 @@ class BuiltinScreen:
     starts: dict                # {scheduler: its first sigma}
     evaluations: float          # model calls, in calls on the whole batch
 
-    def schedulers_for(self, sampler, count, sigma_max):
-        """The `count` schedulers (starting at `sigma_max`) on which `sampler` screened best (euler's ranking for a
-        sampler not screened; ComfyUI's ddim is euler)."""
+    def schedulers_for(self, sampler, count, start=None):
+        """The `count` schedulers (starting at `start`, if given) on which `sampler` screened best (euler's ranking
+        for a sampler not screened; ComfyUI's ddim is euler)."""
         sampler = sampler if any(name == sampler for name, _ in self.screened) else "euler"
         ranked = sorted((error, scheduler) for (name, scheduler), error in self.screened.items()
-                        if name == sampler and self.starts[scheduler] >= sigma_max * (1 - 1e-3))
+                        if name == sampler and (start is None or same_start(self.starts[scheduler], start)))
         return [scheduler for _, scheduler in ranked[:count]]
 
 
 def screen_builtins(run) -> BuiltinScreen:
     """The built-in samplers `auto` chooses from, on the calibration batch at the request's steps: every
-    ONE_EVALUATION sampler on every scheduler that gives those steps is screened on the first eighth of the
+    ONE_EVALUATION sampler on every scheduler that gives those steps (for a partial pass, at its denoise and
+    from its start: another start is another noise level, another picture) is screened on the first eighth of the
     noises (one of 8), and the SCREEN_KEEP best of them are run on the rest, so their errors are over the whole
     batch. The final x are kept (on the host) so the errors can be measured again against a longer teacher
     without a model call."""
@@ -89,7 +90,8 @@ def screen_builtins(run) -> BuiltinScreen:
     screened, starts = {}, {}
     for name in ONE_EVALUATION:
         sampler = comfy.samplers.sampler_object(name)
-        for scheduler, sigmas in schedules(ms, run.request.steps, name).items():
+        for scheduler, sigmas in schedules(ms, run.request.steps, name, run.request.denoise,
+                                           run.plan.start if run.plan.partial else None).items():
             comfy.model_management.throw_exception_if_processing_interrupted()
             x = screen.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options).cpu()
             screened[(name, scheduler)] = (rmse(x, screen.trajectory.final), sigmas, x)

@@ -22,10 +22,10 @@ from .calibration import check_schedule
 from .coordinates import NoiseSchedule
 
 
-def teacher_sigmas(schedule: NoiseSchedule, steps: int, through=None) -> torch.Tensor:
-    """About steps + 1 ComfyUI sigmas from sigma_max to 0, uniform in lambda (for flow models, whose
-    sigma_max = 1 is lambda = -inf, uniform from sigma 0.999 on). (OLSS's uniform path takes every T/N-th
-    teacher step: a grid refined at its start would bend it.)
+def teacher_sigmas(schedule: NoiseSchedule, steps: int, through=None, top=None) -> torch.Tensor:
+    """About steps + 1 ComfyUI sigmas from `top` (default sigma_max; a partial pass, denoise below 1, starts
+    lower) to 0, uniform in lambda (for flow models, whose sigma_max = 1 is lambda = -inf, uniform from sigma
+    0.999 on). (OLSS's uniform path takes every T/N-th teacher step: a grid refined at its start would bend it.)
 
     `through`: a student schedule (descending, ending in 0) the teacher grid must contain; each of its
     intervals is then split uniformly in lambda into about steps / N teacher steps (the last, to 0, from
@@ -34,10 +34,13 @@ def teacher_sigmas(schedule: NoiseSchedule, steps: int, through=None) -> torch.T
     if steps < 2:
         raise ValueError(f"teacher_steps must be at least 2, got {steps}")
     if through is None:
-        top = min(schedule.sigma_max, 0.999) if schedule.is_flow else schedule.sigma_max
-        lambdas = torch.linspace(float(schedule.lambda_(top)), schedule.lambda_max, steps, dtype=torch.float64)
+        start = schedule.sigma_max if top is None else float(top)
+        if not schedule.sigma_min < start <= schedule.sigma_max * (1 + 1e-6):
+            raise ValueError(f"a teacher must start between sigma_min and sigma_max, not at {start:.4g}")
+        first = min(start, 0.999) if schedule.is_flow else start
+        lambdas = torch.linspace(float(schedule.lambda_(first)), schedule.lambda_max, steps, dtype=torch.float64)
         sigmas = schedule.sigma_of_lambda(lambdas)
-        sigmas[0] = schedule.sigma_max
+        sigmas[0] = start
         return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
     through = torch.as_tensor(through, dtype=torch.float64)
     check_schedule(through, "student sigmas")

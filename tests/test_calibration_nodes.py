@@ -204,8 +204,6 @@ def test_calibrated_ksampler_is_a_drop_in(model, calibration_folder, method):
 
 
 def test_calibrated_ksampler_refusals(model):
-    with pytest.raises(ValueError, match="denoise"):
-        _ksampler(model, "olss", denoise=0.6)
     calibration = _calibrate(model, method="timetuner")[0]
     with pytest.raises(CalibrationMismatch, match="steps"):
         _ksampler(model, "timetuner", steps=6, calibration=calibration)

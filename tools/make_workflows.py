@@ -219,6 +219,22 @@ def workflows():
     save(w, 4, (ks, 0), vae, "calibrated_ksampler")
     out.append(w)
 
+    w = Workflow("hires_fix")
+    w.note(0, "Hires fix with KSampler (Calibrated) in both passes: 5 steps at 512x512, the latent upscaled 1.5x, "
+              "then a second pass of 5 steps at denoise 0.5. Each pass calibrates once for its own size, cfg, steps "
+              "and denoise (the second on the upscaled pictures it is given), stores it and reuses it on later runs. "
+              "A calibration for another denoise is refused.")
+    model, positive, negative, latent, vae = text_to_image(w)
+    common = {"seed": 42, "steps": 5, "cfg": 7.0, "method": "auto", "sampler_name": "dpmpp_2m"}
+    first = w.add("CalibratedKSampler", 3, common, conditioning(model, positive, negative, latent),
+                  title="First pass: 512x512")
+    larger = w.add("LatentUpscaleBy", 4, {"upscale_method": "bislerp", "scale_by": 1.5}, {"samples": (first, 0)})
+    second = w.add("CalibratedKSampler", 5, {**common, "denoise": 0.5},
+                   conditioning(model, positive, negative, (larger, 0)), title="Second pass: 768x768, denoise 0.5")
+    save(w, 6, (second, 0), vae, "hires_fix")
+    w.group("Second pass: calibrated for denoise 0.5 at the larger size", [larger, second])
+    out.append(w)
+
     w = Workflow("compare_5_steps")
     w.note(0, "Side by side at 5 model evaluations, same seed: a strong built-in (dpmpp_2m / karras), the "
               "calibrated OLSS and TimeTuner on dpmpp_2m, and a 40-step reference.")

@@ -1,6 +1,7 @@
 """Calibrated time steps on ComfyUI: a built-in sampler (`sampler_name`) on interior sigmas fitted to the teacher,
 starting from, and pulled toward, the better on the calibration batch of the trust-region schedule for that sampler
 and the built-in schedule on which that sampler screened best (`optimizers/time_steps.py`)."""
+import dataclasses
 import time
 
 import torch
@@ -53,11 +54,12 @@ class TimeSteps(Method):
             x = run.sample(base.sampler_function, torch.as_tensor(sigmas).float(), **base.extra_options)
             return rmse(x.cpu(), final) ** 2
 
-        starts = {"trust region": start_sigmas(run.schedule, request.steps, request.sampler_name)}
+        starts = {"trust region": start_sigmas(dataclasses.replace(run.schedule, sigma_max=run.plan.start),
+                                               request.steps, request.sampler_name)}
         if run.builtin_screen is not None:      # (where the calibration made one)
-            for scheduler in run.builtin_screen.schedulers_for(request.sampler_name, 1, 0.0):
+            for scheduler in run.builtin_screen.schedulers_for(request.sampler_name, 1):
                 starts[scheduler] = ksampler_sigmas(run.model.get_model_object("model_sampling"), scheduler,
-                                                    request.steps, request.sampler_name).double()
+                                                    request.steps, request.sampler_name, request.denoise).double()
         start_errors = {label: error(sigmas) for label, sigmas in starts.items()} if len(starts) > 1 else {}
         chosen = min(start_errors, key=start_errors.get) if start_errors else "trust region"
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted

@@ -46,7 +46,7 @@ class TimeTuner(Method):
         if request.sampler_name not in DETERMINISTIC_SAMPLERS:
             raise ValueError(f"sampler_name {request.sampler_name!r}: TimeTuner needs a deterministic sampler, one of "
                              f"{', '.join(DETERMINISTIC_SAMPLERS)}")
-        if request.sigmas is None and float(sigmas[0]) < schedule.sigma_max * (1 - 1e-3):
+        if request.sigmas is None and request.denoise >= 1 and float(sigmas[0]) < schedule.sigma_max * (1 - 1e-3):
             raise NotApplicable(f"scheduler {request.scheduler} starts at sigma {float(sigmas[0]):.4g}, below the "
                                 f"model's {schedule.sigma_max:.4g}: TimeTuner needs a schedule from sigma_max (or "
                                 "connect sigmas)")
@@ -61,7 +61,7 @@ class TimeTuner(Method):
         request = run.request
         ms = run.model.get_model_object("model_sampling")
         sigmas = run.sigmas if request.sigmas is not None else \
-            ksampler_sigmas(ms, run.scheduler_name, request.steps, request.sampler_name).double()
+            ksampler_sigmas(ms, run.scheduler_name, request.steps, request.sampler_name, request.denoise).double()
         targets = run.teacher_states(sigmas[1:])
         base = comfy.samplers.sampler_object(request.sampler_name)
         result = {}
