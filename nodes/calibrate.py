@@ -13,7 +13,7 @@ import comfy.samplers
 from ..optimizers.calibration import Calibration, CalibrationMismatch, check_same_sigmas
 from ..optimizers.coordinates import NoiseSchedule
 from ..optimizers.teacher import rmse
-from . import memory, store
+from . import memory, nearby, store
 from .fingerprint import model_fingerprint
 from .methods import METHODS
 from .request import AUTO_SCHEDULER, AUTO_TEACHER, Request, denoise_of, plan
@@ -24,9 +24,11 @@ TEACHER_MARGIN = 20            # teacher_steps auto: the teacher's error at most
 SCHEDULER_TRIES = 2            # scheduler auto: the schedules a method that keeps one is fitted on
 
 
-def calibrate(model, positive, negative, latent, request: Request, refit=False):
+def calibrate(model, positive, negative, latent, request: Request, refit=False, borrow=None):
     """(Calibration, the teacher's final x in the model's space, or None when there was no teacher run or a
-    stored calibration was reused). `latent`: [B, C, H, W], its first sample sets the shape."""
+    stored calibration was reused). `latent`: [B, C, H, W], its first sample sets the shape. `borrow`: the method
+    (or "auto") to be sampled with, where a stored calibration made for a nearby cfg or latent size may be used if
+    its measured range for it covers these (`store.find_nearby`); None: only one made for exactly these."""
     starts = "noise" if request.denoise >= 1 else "latent_image" if bool(latent.abs().amax() > 0) else "teacher"
     p = plan(model, tuple(latent.shape[1:]), request, starts)
     if not refit:
@@ -34,6 +36,10 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False):
         if found is not None:
             logging.info("Calibrated Samplers: reusing stored calibration %s", p.key)
             return found, None
+        found = None if borrow is None else store.find_nearby(p, request.cfg, tuple(latent.shape[1:]), borrow)
+        if found is not None:
+            log_borrowed(*found)
+            return found[0], None
     label = f"{p.schedule.family}-{request.steps}steps-cfg{request.cfg:g}" + \
         (f"-denoise{request.denoise:g}" if p.partial else "")
     store.check_writable(label, p.key, store.size_bound(request.steps, p.methods))
@@ -109,9 +115,17 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
         diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations, screen.candidates,
                                                                     diagnostics)
         diagnostics["validated"] = {**validated, **screen.candidates}
+        diagnostics["borrowable"] = nearby.ranges_for([*fits, "auto"])
     return Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
                        latent_shape=latent_shape, steps=request.steps, settings=p.settings, fits=fits,
                        evaluations=evaluations, diagnostics=diagnostics)
+
+
+def log_borrowed(calibration, borrowed):
+    if borrowed:
+        logging.info("Calibrated Samplers: borrowing the calibration made for cfg %g, latent %s at %s: within the "
+                     "range measured for it (benchmarks/transfer.py)", calibration.cfg, calibration.latent_shape,
+                     ", ".join(borrowed))
 
 
 def chosen_sampler(calibration, steps):
@@ -124,7 +138,8 @@ def chosen_sampler(calibration, steps):
     label = choose(candidates, steps)
     entry = candidates[label]
     if "method" in entry:
-        return checked_sampler(calibration, entry["method"]), method_sigmas(calibration, entry["method"]), label
+        return checked_sampler(calibration, entry["method"], borrow="auto"), method_sigmas(calibration,
+                                                                                       entry["method"]), label
     return comfy.samplers.sampler_object(entry["sampler"]), torch.tensor(entry["sigmas"], dtype=torch.float32), label
 
 
@@ -164,9 +179,10 @@ def method_sigmas(calibration, method):
     return calibration.fits[method]["sigmas"].float().clone()
 
 
-def checked_sampler(calibration, method, **inputs):
+def checked_sampler(calibration, method, borrow=None, **inputs):
     """A KSAMPLER for the calibration's method that refuses a model, cfg, latent or sigmas it was not fitted
-    for. `inputs`: those of the method's sampler node (`Method.sampler_inputs`)."""
+    for (a cfg or latent size within the range measured for `borrow`, default the method, is borrowed, and
+    logged). `inputs`: those of the method's sampler node (`Method.sampler_inputs`)."""
     fitted = method_sigmas(calibration, method)
     tensors = calibration.fits[method]
 
@@ -174,8 +190,9 @@ def checked_sampler(calibration, method, **inputs):
         inner = model.inner_model
         patcher = inner.model_patcher
         schedule = NoiseSchedule.from_model_sampling(patcher.get_model_object("model_sampling"))
-        calibration.check_compatible(family=schedule.family, fingerprint=model_fingerprint(patcher),
-                                     latent_shape=tuple(x.shape[1:]), cfg=guidance_scale(inner))
+        log_borrowed(calibration, calibration.check_compatible(
+            family=schedule.family, fingerprint=model_fingerprint(patcher), latent_shape=tuple(x.shape[1:]),
+            cfg=guidance_scale(inner), borrow=calibration.borrow_range(borrow or method)))
         check_same_sigmas(sigmas, fitted, f"this {method} calibration")
         function, options = METHODS[method].sampler(tensors, calibration.settings, schedule, **inputs)
         to_zero = sigmas.clone()        # (ComfyUI's uni_pc writes 0.001 over the final 0 of the sigmas it runs on)

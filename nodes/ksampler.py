@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from . import CATEGORY, CalibrationType
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import DETERMINISTIC_SAMPLERS
-from .calibrate import calibrate, check_denoise, checked_sampler, chosen_sampler, method_sigmas
+from .calibrate import calibrate, check_denoise, checked_sampler, chosen_sampler, log_borrowed, method_sigmas
 from .calibration import (CALIBRATION_BATCH_TOOLTIP, SCHEDULER_TOOLTIP, TEACHER_STEPS_TOOLTIP, follows_tooltip,
                           latent_samples, method_tooltip)
 from .fingerprint import model_fingerprint
@@ -41,7 +41,9 @@ class CalibratedKSampler(io.ComfyNode):
                              tooltip="Steps, as in KSampler (Heun methods evaluate the model twice per step but "
                                      "the last)."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance scale; a calibration is valid for the cfg it was fitted at."),
+                               tooltip="Guidance scale. A calibration is made for one cfg and latent size; a stored "
+                                       "one for a nearby cfg or size is borrowed (and logged) where the pack's "
+                                       "measurement found it within 1.2x of one made for the setting."),
                 io.Combo.Input("sampler_name", options=DETERMINISTIC_SAMPLERS, default="euler",
                                tooltip=follows_tooltip("sampler_name", "The built-in sampler")),
                 io.Combo.Input("scheduler", options=SCHEDULERS, default=AUTO_SCHEDULER,
@@ -84,11 +86,12 @@ class CalibratedKSampler(io.ComfyNode):
             request = Request.from_inputs(method, seed=0, cfg=cfg, steps=steps, denoise=denoise,
                                           teacher_steps=teacher_steps, calibration_batch=calibration_batch,
                                           scheduler=scheduler, sampler_name=sampler_name)
-            calibration, _ = calibrate(model, positive, negative, samples, request)
+            calibration, _ = calibrate(model, positive, negative, samples, request, borrow=method)
         else:
             family = NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling")).family
-            calibration.check_compatible(family=family, fingerprint=model_fingerprint(model), steps=steps, cfg=cfg,
-                                         latent_shape=tuple(samples.shape[1:]))
+            log_borrowed(calibration, calibration.check_compatible(
+                family=family, fingerprint=model_fingerprint(model), steps=steps, cfg=cfg,
+                latent_shape=tuple(samples.shape[1:]), borrow=calibration.borrow_range(method)))
             check_denoise(calibration, denoise)
             if method in METHODS:
                 METHODS[method].check_use(calibration.settings, sampler_name=sampler_name, scheduler=scheduler)

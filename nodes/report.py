@@ -143,6 +143,12 @@ def draw_report(calibration) -> Image.Image:
         draw.text((MARGIN - 14, y0), f"{mark}{label}{' (plain)' if plain else ''} ({entry['evaluations']} evaluations)",
                   fill="black", font=_font(12))
         draw.text((MARGIN + 236 + length, y0), f"{value:.4f}", fill="black", font=_font(12))
+    near = calibration.borrow_range("auto")
+    if near:
+        low, high = near["cfg"]
+        draw.text((MARGIN, height - 30), f"auto may be borrowed at cfg {calibration.cfg + low:g} to "
+                  f"{calibration.cfg + high:g}, latent sides {near['sides'][0]:g} to {near['sides'][1]:g} times these "
+                  "(measured within 1.2x of a calibration made there)", fill="black", font=_font(13))
     return image
 
 

@@ -1,5 +1,7 @@
 """Where ComfyUI keeps calibrations: the `calibrations` model folder (models/calibrations, plus any
 extra_model_paths entry), read through `folder_paths`; the store itself is `calibration_cache`."""
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -35,6 +37,33 @@ def find(key):
             except ValueError:
                 continue
     return None
+
+
+def find_nearby(plan, cfg, latent_shape, label):
+    """(calibration, what is borrowed in words) of the nearest stored calibration for this model, steps and
+    settings that was made for another cfg or latent size and whose range for `label` (`borrow_range`) covers
+    them; None if there is none."""
+    from ..optimizers.calibration import CalibrationMismatch
+    prefix = f"{plan.schedule.family}-{plan.request.steps}steps-"
+    settings = json.dumps(plan.settings, sort_keys=True)
+    found = []
+    for folder in folder_paths.get_folder_paths(FOLDER):
+        for name in store.list_names(folder):
+            if not name.startswith(prefix):
+                continue
+            try:
+                calibration = checked(store.load(Path(folder) / name), name)
+                if calibration.fingerprint != plan.fingerprint or json.dumps(calibration.settings,
+                                                                             sort_keys=True) != settings:
+                    continue
+                borrowed = calibration.check_compatible(cfg=cfg, latent_shape=latent_shape,
+                                                        borrow=calibration.borrow_range(label))
+            except (ValueError, CalibrationMismatch):
+                continue
+            distance = abs(calibration.cfg - cfg) + sum(abs(math.log(g / f)) for g, f in
+                                                          zip(latent_shape[1:], calibration.latent_shape[1:]))
+            found.append((distance, name, calibration, borrowed))
+    return min(found, key=lambda item: item[:2])[2:] if found else None
 
 
 def checked(calibration, name):

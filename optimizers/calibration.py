@@ -113,21 +113,44 @@ class Calibration:
                     raise ValueError(f"{method}.{name} holds NaN or inf")
 
     # --- use ------------------------------------------------------------------------------
-    def check_compatible(self, *, family=None, fingerprint=None, latent_shape=None, cfg=None, steps=None):
-        """Raise CalibrationMismatch naming the first setting that differs from the fitted one."""
+    def borrow_range(self, label) -> dict | None:
+        """The nearby settings at which `label` (a method, or "auto": what KSampler (Calibrated)'s auto picks) may be
+        used: {"cfg": [low, high] offsets from this cfg, "sides": [low, high] ratios of each latent side}, as stored
+        when the calibration was made; None: only its own settings."""
+        return (self.diagnostics.get("borrowable") or {}).get(label)
+
+    def check_compatible(self, *, family=None, fingerprint=None, latent_shape=None, cfg=None, steps=None,
+                         borrow=None) -> list[str]:
+        """Raise CalibrationMismatch naming the first setting that differs from the fitted one, unless it is the cfg
+        or the latent size and within `borrow` (a `borrow_range`). Returns what is borrowed, in words (empty when
+        nothing is)."""
         checks = [
             ("model family", family, self.family),
             ("model (its weights, LoRAs or sampling settings changed)", fingerprint, self.fingerprint),
-            ("latent shape", None if latent_shape is None else tuple(latent_shape), self.latent_shape),
             ("steps", steps, self.steps),
         ]
         for what, given, fitted in checks:
             if given is not None and given != fitted:
                 raise CalibrationMismatch(f"this calibration was fitted for {what} {fitted}, not {given}: "
                                           "calibrate again for this setting")
+        borrowed = []
+        if latent_shape is not None and tuple(latent_shape) != self.latent_shape:
+            given = tuple(latent_shape)
+            low, high = (borrow or {}).get("sides", (1.0, 1.0))
+            if len(given) != len(self.latent_shape) or given[0] != self.latent_shape[0] or not all(
+                    low <= g / f <= high for g, f in zip(given[1:], self.latent_shape[1:])):
+                within = f" (it may be borrowed for sides {low:g} to {high:g} times its own)" if borrow else ""
+                raise CalibrationMismatch(f"this calibration was fitted for latent shape {self.latent_shape}, not "
+                                          f"{given}{within}: calibrate again for this setting")
+            borrowed.append(f"latent shape {given} (made for {self.latent_shape})")
         if cfg is not None and not math.isclose(cfg, self.cfg, rel_tol=1e-6, abs_tol=1e-6):
-            raise CalibrationMismatch(f"this calibration was fitted at cfg {self.cfg:g}, not {cfg:g}: "
-                                      "use that cfg or calibrate again")
+            low, high = (borrow or {}).get("cfg", (0.0, 0.0))
+            if not low - 1e-6 <= cfg - self.cfg <= high + 1e-6:
+                within = f" (it may be borrowed from cfg {self.cfg + low:g} to {self.cfg + high:g})" if borrow else ""
+                raise CalibrationMismatch(f"this calibration was fitted at cfg {self.cfg:g}, not {cfg:g}{within}: "
+                                          "use that cfg or calibrate again")
+            borrowed.append(f"cfg {cfg:g} (made for {self.cfg:g})")
+        return borrowed
 
 
 def check_schedule(sigmas, name="sigmas"):

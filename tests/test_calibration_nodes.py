@@ -404,3 +404,41 @@ def test_teacher_steps_auto_stops_where_longer_runs_stop_helping(model, monkeypa
     teacher = calibration.diagnostics["teacher"]
     assert teacher["floor"] and teacher["estimate"] == 1.0
     assert run.auto_start(4) < teacher["steps"] <= 2 * run.auto_start(4)
+
+
+def test_a_nearby_cfg_borrows_a_stored_calibration(model, calibration_folder, monkeypatch, tmp_path_factory, caplog):
+    """With a measured range (here a made-up one, cfg -0.5 to +1), KSampler (Calibrated) at cfg 2.5 uses the stored
+    calibration made at cfg 2 (no new file, a log line), at cfg 3.5 makes its own; a calibration given outside its
+    range is refused with the range named. A calibration made without a range (no measurement) is never borrowed."""
+    import json
+    import logging
+    from calibrated_samplers.nodes import nearby
+    table = tmp_path_factory.mktemp("nearby") / "nearby.json"
+    table.write_text(json.dumps({"methods": {"auto": {"cfg": [-0.5, 1.0], "sides": [1.0, 1.0]},
+                                             "olss": {"cfg": [-0.5, 0.5], "sides": [1.0, 1.0]}}}))
+    monkeypatch.setattr(nearby, "FILE", table)
+
+    def ksampler(cfg, calibration=None, method="auto"):
+        latent = {"samples": torch.zeros(2, 4, 8, 8)}
+        return CalibratedKSampler.execute(model=model, seed=5, steps=4, cfg=cfg, sampler_name="euler",
+                                          scheduler="karras", positive=gmm.conditioning([3]),
+                                          negative=gmm.null_conditioning(), latent_image=latent, denoise=1.0,
+                                          method=method, teacher_steps=0, calibration_batch=6,
+                                          calibration=calibration).result[0]["samples"]
+
+    ksampler(2.0)
+    assert len(list(calibration_folder.iterdir())) == 1
+    with caplog.at_level(logging.INFO):
+        out = ksampler(2.5)
+    assert torch.isfinite(out).all() and len(list(calibration_folder.iterdir())) == 1
+    assert "borrowing the calibration made for cfg 2" in caplog.text and "cfg 2.5 (made for 2)" in caplog.text
+    ksampler(3.5)
+    assert len(list(calibration_folder.iterdir())) == 2, "outside the range: a calibration of its own"
+    stored = LoadCalibration.execute(sorted(p.name for p in calibration_folder.iterdir())[0]).result[0]
+    assert stored.borrow_range("olss") == {"cfg": [-0.5, 0.5], "sides": [1.0, 1.0]}
+    with pytest.raises(CalibrationMismatch, match=r"from cfg \d\.?\d* to"):
+        ksampler(stored.cfg + 0.75, calibration=stored, method="olss")      # within auto's range, not olss's
+    monkeypatch.setattr(nearby, "FILE", tmp_path_factory.mktemp("none") / "nearby.json")
+    ksampler(6.0)
+    ksampler(6.25)
+    assert len(list(calibration_folder.iterdir())) == 4, "made without a measured range: never borrowed"

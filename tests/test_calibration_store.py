@@ -97,6 +97,24 @@ def test_mismatches_name_the_setting():
             record.check_compatible(**kwargs)
 
 
+def test_a_nearby_setting_is_borrowed_only_within_the_stored_range():
+    record = _record()
+    assert record.borrow_range("olss") is None
+    record.diagnostics["borrowable"] = {"olss": {"cfg": [-1.0, 0.5], "sides": [1.0, 2.0]}}
+    near = record.borrow_range("olss")
+    assert record.check_compatible(cfg=3.0, latent_shape=(4, 8, 8), borrow=near) == []
+    assert record.check_compatible(cfg=2.0, latent_shape=(4, 16, 8), borrow=near) == [
+        "latent shape (4, 16, 8) (made for (4, 8, 8))", "cfg 2 (made for 3)"]
+    for kwargs, message in [({"cfg": 3.6}, "from cfg 2 to 3.5"), ({"cfg": 1.9}, "from cfg 2 to 3.5"),
+                            ({"latent_shape": (4, 4, 8)}, "sides 1 to 2 times"),
+                            ({"latent_shape": (4, 8, 32)}, "sides 1 to 2 times"),
+                            ({"latent_shape": (16, 8, 8)}, "latent shape")]:
+        with pytest.raises(CalibrationMismatch, match=message):
+            record.check_compatible(borrow=near, **kwargs)
+    with pytest.raises(CalibrationMismatch, match="not 2.5: use that cfg"):     # no range: its own settings only
+        record.check_compatible(cfg=2.5, borrow=record.borrow_range("iia_ddim"))
+
+
 WRITER = """
 import sys, torch
 sys.path.insert(0, {tests!r})
