@@ -3,7 +3,7 @@
 SETUP := bash tools/setup_host.sh
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-cost bench-img2img bench-generalization bench-ceilings setup
+.PHONY: demo test bench bench-cost bench-img2img bench-transfer bench-generalization bench-ceilings setup
 
 setup:
 	@$(SETUP) >/dev/null
@@ -22,6 +22,9 @@ bench-cost:
 
 bench-img2img:
 	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/img2img.py $(ARGS)
+
+bench-transfer:
+	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/transfer.py $(ARGS)
 
 bench-generalization:
 	@venv=$$($(SETUP)) && "$$venv/bin/python" benchmarks/generalization.py $(ARGS)

@@ -45,18 +45,22 @@ def teacher(case, steps, top=None):
         common.teacher_sigmas(case.schedule, steps, top=top)
 
 
-def measure(name, cfg, steps, scheduler, denoise, batch):
-    labels = torch.arange(batch) % CALIBRATION_BATCH
-    case = common.Case.make(name, cfg, batch, labels=labels)
+def measure(name, cfg, steps, scheduler, denoise, batch, starts):
+    labels = torch.arange(batch) % CALIBRATION_BATCH if starts == "teacher" else torch.zeros(batch, dtype=torch.long)
+    case = common.Case.make(name, cfg, batch, labels=labels)     # (one_picture: its prompt, new pictures)
     pictures = torch.zeros_like(case.noise)
     pictures = case.model.model.process_latent_out(sample(case, *teacher(case, 200), pictures, common.HELD_OUT_SEED + 1))
     request = Request.from_inputs("auto", seed=0, cfg=cfg, steps=steps, denoise=denoise, teacher_steps=0,
                                   calibration_batch=CALIBRATION_BATCH, scheduler=scheduler, sampler_name="euler")
     calib_labels = torch.arange(CALIBRATION_BATCH) % 10
+    latent = torch.zeros(1, *case.noise.shape[1:])
+    if starts == "one_picture":     # a hires fix's second pass: one given picture (not a held-out one) for every noise
+        one = common.Case.make(name, cfg, 1, labels=[0])
+        latent = case.model.model.process_latent_out(sample(one, *teacher(one, 200), latent, common.HELD_OUT_SEED + 2))
+        calib_labels = torch.zeros(CALIBRATION_BATCH, dtype=torch.long)
     with torch.inference_mode():
         calibration, _ = calibrate(case.model, case.module.conditioning(calib_labels),
-                                   case.module.null_conditioning(CALIBRATION_BATCH),
-                                   torch.zeros(1, *case.noise.shape[1:]), request, refit=True)
+                                   case.module.null_conditioning(CALIBRATION_BATCH), latent, request, refit=True)
     sampler, sigmas, choice = chosen_sampler(calibration, steps)
     start = float(sigmas[0])
     reference = sample(case, *teacher(case, 500, top=start), pictures, common.HELD_OUT_SEED)
@@ -69,7 +73,7 @@ def measure(name, cfg, steps, scheduler, denoise, batch):
     best = min(errors, key=errors.get)
     ours = common.rmse(sample(case, sampler, sigmas, pictures, common.HELD_OUT_SEED), reference)
     validated = calibration.diagnostics["validated"]
-    return {"model": name, "cfg": cfg, "steps": steps, "scheduler": scheduler, "denoise": denoise,
+    return {"model": name, "cfg": cfg, "steps": steps, "scheduler": scheduler, "denoise": denoise, "starts": starts,
             "start_sigma": start, "auto_choice": choice, "auto": ours, "best_builtin": best,
             "best_builtin_rmse": errors[best], "ratio": ours / errors[best],
             "builtins_compared": len(errors), "teacher_steps": calibration.diagnostics["teacher"]["steps"],
@@ -84,6 +88,9 @@ def main():
     parser.add_argument("--denoise", type=float, default=0.5)
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--batch", type=int, default=16, help="held-out pictures per model")
+    parser.add_argument("--starts", default="teacher", choices=["teacher", "one_picture"],
+                        help="the calibration's pictures: the teacher's own (an empty latent_image), or one picture "
+                             "given as latent_image (a hires fix), of class 0, for every calibration noise")
     parser.add_argument("--out", default=str(common.RESULTS / "img2img"))
     args = parser.parse_args()
     folder_paths.folder_names_and_paths["calibrations"] = ([tempfile.mkdtemp()], {".safetensors"})  # (not stored)
@@ -91,14 +98,15 @@ def main():
     for name in args.models:
         for scheduler in args.schedulers:
             for steps in args.steps:
-                row = measure(name, args.cfg, steps, scheduler, args.denoise, args.batch)
+                row = measure(name, args.cfg, steps, scheduler, args.denoise, args.batch, args.starts)
                 rows.append(row)
                 print(f"{name:12s} {scheduler:7s} {steps} steps from sigma {row['start_sigma']:.3g}: auto "
                       f"({row['auto_choice']}) {row['auto']:.4f} / best built-in ({row['best_builtin']}, of "
                       f"{row['builtins_compared']}) {row['best_builtin_rmse']:.4f} = {row['ratio']:.2f}x", flush=True)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    lines = [f"Second pass at denoise {args.denoise:g}, cfg {args.cfg:g}, {args.batch} held-out pictures: held-out "
+    lines = [f"Second pass at denoise {args.denoise:g}, cfg {args.cfg:g}, calibrated on {args.starts} pictures, "
+             f"{args.batch} held-out pictures: held-out "
              "RMSE of KSampler (Calibrated)'s auto / the best built-in at the same steps, denoise and start sigma.", "",
              "| model | scheduler | steps | start sigma | auto's choice | auto | best built-in | ratio |",
              "|---|---|---|---|---|---|---|---|"]
