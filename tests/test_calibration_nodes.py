@@ -371,6 +371,18 @@ def test_teacher_steps_auto_takes_the_teacher_its_students_need(model, monkeypat
     assert teachers[20]["steps"] == auto_start(4) < teachers[2000]["steps"], teachers
 
 
+def test_teacher_steps_auto_takes_a_longer_teacher_for_a_harder_model():
+    """Guidance makes the ODE harder: on the closed-form model, the teacher that teacher_steps auto settles on at cfg
+    10 is longer than at cfg 1 (48 -> 72 steps at batch 8), each meeting its own target."""
+    model = gmm.build_model("eps")
+    teachers = {}
+    for cfg in (1.0, 10.0):
+        calibration = _calibrate(model, steps=5, teacher_steps=0, batch=8, method="iia_ddim", cfg=cfg)[0]
+        teachers[cfg] = calibration.diagnostics["teacher"]
+        assert teachers[cfg]["estimate"] <= teachers[cfg]["target"] and not teachers[cfg]["floor"]
+    assert teachers[1.0]["steps"] < teachers[10.0]["steps"], teachers
+
+
 def test_scheduler_auto_keeps_the_schedule_that_validates_best(model):
     """scheduler auto: IIA and TimeTuner are each fitted on the SCHEDULER_TRIES schedulers where their plain
     sampler did best on the screening noise, and keep the one that validates best: its sigmas are stored, and

@@ -152,3 +152,22 @@ def test_inpainting_at_a_denoise_keeps_the_unmasked_region(model):
     assert float((out - picture)[kept].abs().max()) <= 1e-4 * float(picture.abs().max())
     assert float((out - picture)[~kept].abs().max()) > 1e-3, "the masked half is sampled"
     comfy.model_management.soft_empty_cache()
+
+
+def test_sampler_nodes_run_a_partial_calibration_in_sampler_custom(model):
+    """Calibrate Sampler at denoise 0.5 -> OLSS Sampler + Calibration Sigmas in SamplerCustom from a picture: the
+    same latent as KSampler (Calibrated) with that calibration; other sigmas (a full schedule) are refused."""
+    from calibrated_samplers.nodes.calibration import CalibrationSigmas
+    from calibrated_samplers.nodes.samplers import node_for
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+    picture = {"samples": _pictures(model, 2, seed=3)}
+    calibration = _calibrate(model, picture, method="olss")[0]
+    sampler = node_for("olss").execute(calibration, "olss").result[0]
+    sigmas = CalibrationSigmas.execute(calibration, "olss").result[0]
+    ours = SamplerCustom.execute(model, True, 5, CFG, gmm.conditioning([3]), gmm.null_conditioning(), sampler, sigmas,
+                                 picture).result[0]["samples"]
+    torch.testing.assert_close(ours, _ksampler(model, picture, method="olss", calibration=calibration))
+    full = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 4)
+    with pytest.raises(ValueError, match="fitted for the 4-step sigmas"):
+        SamplerCustom.execute(model, True, 5, CFG, gmm.conditioning([3]), gmm.null_conditioning(), sampler, full,
+                              picture)
