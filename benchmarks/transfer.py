@@ -121,7 +121,7 @@ def ranges(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="*", default=MODELS, help="models to measure (none: only --merge)")
     parser.add_argument("--nfe", nargs="+", type=int, default=[5])
     parser.add_argument("--batch", type=int, default=16, help="held-out samples per setting")
     parser.add_argument("--out", default=str(common.RESULTS / "transfer"))
@@ -130,8 +130,8 @@ def main():
     args = parser.parse_args()
     rows = [row for path in args.merge for row in json.loads(Path(path).read_text())]
     measured = [row for name in args.models for nfe in args.nfe for row in measure(name, nfe, args.batch)]
-    Path(args.out + ".json").write_text(json.dumps(measured, indent=1))
     rows += measured
+    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
     accepted = ranges(rows)
     lines = [f"Borrowed calibration (cfg {BASE_CFG:g}, 8x8) / own calibration, held-out RMSE at the new setting; "
              f"accepted where every model is at most {TOLERANCE}x.", "",

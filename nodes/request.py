@@ -108,7 +108,7 @@ def check_number(name, value, low=None, high=None, integer=False):
 def plan(model, latent_shape, request: Request, starts="noise") -> Plan:
     """Check the request against the model; raises ValueError naming the input that is wrong. `starts`: what a
     partial pass (denoise below 1) starts from: "latent_image" (the one given) or "teacher" (the teacher's own
-    pictures; `run.own_pictures`)."""
+    pictures; `CalibrationRun.starting_pictures`)."""
     check_number("cfg", request.cfg, 0)
     check_number("denoise", request.denoise, 0, 1)
     if request.denoise <= 0:

@@ -43,7 +43,6 @@ def find_nearby(plan, cfg, latent_shape, label):
     """(calibration, what is borrowed in words) of the nearest stored calibration for this model, steps and
     settings that was made for another cfg or latent size and whose range for `label` (`borrow_range`) covers
     them; None if there is none."""
-    from ..optimizers.calibration import CalibrationMismatch
     prefix = f"{plan.schedule.family}-{plan.request.steps}steps-"
     settings = json.dumps(plan.settings, sort_keys=True)
     found = []
@@ -58,7 +57,7 @@ def find_nearby(plan, cfg, latent_shape, label):
                     continue
                 borrowed = calibration.check_compatible(cfg=cfg, latent_shape=latent_shape,
                                                         borrow=calibration.borrow_range(label))
-            except (ValueError, CalibrationMismatch):
+            except ValueError:          # (a damaged file, or a CalibrationMismatch: outside its range)
                 continue
             distance = abs(calibration.cfg - cfg) + sum(abs(math.log(g / f)) for g, f in
                                                           zip(latent_shape[1:], calibration.latent_shape[1:]))
