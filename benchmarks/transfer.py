@@ -16,6 +16,7 @@ stays at most TOLERANCE. A calibration stores the ranges of its methods when it 
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -149,7 +150,8 @@ def main():
     if args.write:
         models = sorted({r["model"] for r in rows})
         BORROW_FILE.write_text(json.dumps({"tolerance": TOLERANCE, "measured_on": models, "base_cfg": BASE_CFG,
-                                           "command": "make bench-transfer ARGS=--write", "methods": accepted},
+                                           "command": "benchmarks/transfer.py " + " ".join(sys.argv[1:]),
+                                           "methods": accepted},
                                           indent=1, sort_keys=True) + "\n")
         print(f"wrote {BORROW_FILE}")
 

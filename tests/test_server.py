@@ -114,16 +114,17 @@ def test_calibrate_then_olss_workflow(comfy_server):
 
 
 def test_a_failing_node_reports_its_message(comfy_server):
-    """A calibrated KSampler asked for img2img fails with its message in the history (the error panel)."""
+    """A calibrated KSampler asked for more steps than its teacher allows fails with its message in the history
+    (the error panel)."""
     prompt = {
         "1": _tiny_model("gmm_eps", 1),
-        "2": _ksampler_node(denoise=0.5),
+        "2": _ksampler_node(steps=8, teacher_steps=10),
         "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "bad"}},
     }
     result = comfy_server.run_prompt(prompt)
     assert result["status"]["status_str"] == "error"
     messages = str(result["status"]["messages"])
-    assert "denoise 0.5" in messages and "img2img" in messages
+    assert "steps 8 is too many for a 10-step teacher" in messages
 
 
 def test_cancel_stops_calibration_promptly_and_stores_nothing(comfy_server):
