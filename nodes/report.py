@@ -145,10 +145,12 @@ def draw_report(calibration) -> Image.Image:
         draw.text((MARGIN + 236 + length, y0), f"{value:.4f}", fill="black", font=_font(12))
     near = calibration.borrow_range("auto")
     if near:
-        low, high = near["cfg"]
+        (low, high), (small, large) = near["cfg"], near["sides"]
+        sizes = "at this latent size only" if small == large == 1 else \
+            f"latent sides {small:g} to {large:g} times these"
         draw.text((MARGIN, height - 30), f"auto may be borrowed at cfg {calibration.cfg + low:g} to "
-                  f"{calibration.cfg + high:g}, latent sides {near['sides'][0]:g} to {near['sides'][1]:g} times these "
-                  "(measured within 1.2x of a calibration made there)", fill="black", font=_font(13))
+                  f"{calibration.cfg + high:g}, {sizes} (measured within 1.2x of a calibration made there)",
+                  fill="black", font=_font(13))
     return image
 
 
