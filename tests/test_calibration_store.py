@@ -190,3 +190,17 @@ def test_a_schema_1_record_is_refused_by_its_version(tmp_path):
 def test_a_record_must_say_what_each_method_holds(tmp_path, damage, message):
     with pytest.raises(ValueError, match=message):
         save(_record(**damage), tmp_path, "x")
+
+
+def test_the_shipped_nearby_ranges_are_the_measured_ones():
+    """nodes/nearby.json is what benchmarks/transfer.py derives from its stored measurement, not a hand-set guess."""
+    import json
+    import sys
+    from host import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import transfer
+    from calibrated_samplers.nodes import nearby
+    rows = json.loads((ROOT / "benchmarks" / "results" / "transfer.json").read_text())
+    shipped = json.loads(nearby.FILE.read_text())
+    assert shipped["methods"] == transfer.ranges(rows) and shipped["tolerance"] == transfer.TOLERANCE
+    assert set(shipped["measured_on"]) == {row["model"] for row in rows}
