@@ -27,11 +27,16 @@ def same_start(sigma, start) -> bool:
     return abs(sigma - start) <= 1e-3 * start
 
 
+def partial_pass(denoise) -> bool:
+    """Whether KSampler samples only the last part of a schedule for this denoise (its rule: below 0.9999)."""
+    return denoise <= 0.9999
+
+
 def ksampler_sigmas(model_sampling, scheduler, steps, sampler_name=None, denoise=1.0):
     """Sigmas as ComfyUI's KSampler makes them: it drops the penultimate sigma for some samplers, and for denoise
     below 1 takes the last steps + 1 sigmas of the schedule for int(steps / denoise) steps."""
     discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
-    partial = denoise <= 0.9999
+    partial = partial_pass(denoise)
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, (int(steps / denoise) if partial else steps)
                                              + discard)
     sigmas = drop_penultimate(sigmas) if discard else sigmas

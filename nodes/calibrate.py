@@ -29,7 +29,7 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False, 
     stored calibration was reused). `latent`: [B, C, H, W], its first sample sets the shape. `borrow`: the method
     (or "auto") to be sampled with, where a stored calibration made for a nearby cfg or latent size may be used if
     its measured range for it covers these (`store.find_nearby`); None: only one made for exactly these."""
-    starts = "noise" if request.denoise >= 1 else "latent_image" if bool(latent.abs().amax() > 0) else "teacher"
+    starts = "noise" if not request.partial else "latent_image" if bool(latent.abs().amax() > 0) else "teacher"
     p = plan(model, tuple(latent.shape[1:]), request, starts)
     if not refit:
         found = store.find(p.key)

@@ -15,7 +15,7 @@ import comfy.samplers
 
 from ..optimizers.calibration import calibration_key, check_schedule
 from ..optimizers.coordinates import NoiseSchedule
-from .builtins import ksampler_sigmas
+from .builtins import ksampler_sigmas, partial_pass
 from .fingerprint import model_fingerprint
 from .methods import ALL, METHODS, NotApplicable
 
@@ -58,12 +58,17 @@ class Request:
         return cls(methods=methods, sigmas=given, options=options, **{k: v for k, v in inputs.items() if k in names})
 
     @property
+    def partial(self) -> bool:
+        """A pass from a picture re-noised to the student's first sigma (denoise below 1, by KSampler's rule)."""
+        return partial_pass(self.denoise)
+
+    @property
     def provisional_scheduler(self) -> str:
         """The scheduler, or for scheduler auto the one whose sigmas stand in until the built-ins are screened (in a
         partial pass, the one whose start it keeps: another start is another noise level)."""
         if self.scheduler != AUTO_SCHEDULER:
             return self.scheduler
-        return PARTIAL_SCHEDULER if self.denoise < 1 else PROVISIONAL_SCHEDULER
+        return PARTIAL_SCHEDULER if self.partial else PROVISIONAL_SCHEDULER
 
     def option(self, name, default=None):
         return dict(self.options).get(name, default)
@@ -85,8 +90,8 @@ class Plan:
 
     @property
     def partial(self) -> bool:
-        """A pass from an image re-noised to the student's first sigma (denoise below 1)."""
-        return self.request.denoise < 1
+        """A pass from a picture re-noised to the student's first sigma (`Request.partial`)."""
+        return self.request.partial
 
     @property
     def start(self) -> float:
@@ -134,9 +139,9 @@ def plan(model, latent_shape, request: Request, starts="noise") -> Plan:
         student = ksampler_sigmas(ms, request.provisional_scheduler, request.steps, denoise=request.denoise).double()
         if len(student) - 1 != request.steps:
             raise ValueError(f"scheduler {request.scheduler} gives {len(student) - 1} steps for steps "
-                             f"{request.steps}{'' if request.denoise == 1 else f' at denoise {request.denoise:g}'}: "
+                             f"{request.steps}{f' at denoise {request.denoise:g}' if request.partial else ''}: "
                              "choose another steps or scheduler, or connect sigmas")
-    if request.denoise < 1 and not schedule.sigma_min < float(student[0]) < schedule.sigma_max:
+    if request.partial and not schedule.sigma_min < float(student[0]) < schedule.sigma_max:
         raise ValueError(f"denoise {request.denoise:g}: the pass would start at sigma {float(student[0]):.4g}, "
                          f"outside the model's ({schedule.sigma_min:.4g}, {schedule.sigma_max:.4g}); raise denoise")
     if request.needs_teacher and request.teacher_steps != AUTO_TEACHER and request.steps > request.teacher_steps // 2:
@@ -156,7 +161,7 @@ def plan(model, latent_shape, request: Request, starts="noise") -> Plan:
     settings = {"teacher": {"steps": teacher_steps, "solver": TEACHER_SOLVER},
                 "seed": int(request.seed), "batch": int(request.calibration_batch), "methods": methods,
                 "given_sigmas": None if request.sigmas is None else [round(v, 6) for v in request.sigmas]}
-    if request.denoise < 1:         # (absent at denoise 1: the keys of full-pass calibrations stay as they were)
+    if request.partial:             # (absent at denoise 1: the keys of full-pass calibrations stay as they were)
         settings["denoise"] = {"denoise": round(float(request.denoise), 4), "starts": starts,
                                "start_sigma": round(float(student[0]), 6)}
     for name in methods:

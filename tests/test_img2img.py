@@ -61,7 +61,7 @@ def test_sigmas_are_ksamplers_for_a_denoise():
     ms = model.get_model_object("model_sampling")
     for scheduler in ("karras", "normal", "simple", "beta"):
         for sampler in ("euler", "uni_pc"):            # (uni_pc: KSampler drops the penultimate sigma)
-            for denoise in (0.3, 0.5, 0.75, 1.0):
+            for denoise in (0.3, 0.5, 0.75, 0.99995, 1.0):
                 expected = comfy.samplers.KSampler(model, steps=5, device="cpu", sampler=sampler, scheduler=scheduler,
                                                    denoise=denoise).sigmas
                 assert torch.equal(ksampler_sigmas(ms, scheduler, 5, sampler, denoise), expected), \
@@ -96,9 +96,10 @@ def test_a_partial_calibration_is_made_for_its_pass(model, calibration_folder):
     other = _calibrate(model, picture)[0]
     assert other.diagnostics["starts"] == {"from": "latent_image", "evaluations": 0}
     assert other.key() != calibration.key() and len(list(calibration_folder.iterdir())) == 2
-    # denoise 1 keeps the key it had: no denoise in its settings
+    # denoise 1 keeps the key it had: no denoise in its settings; above 0.9999 KSampler samples the whole schedule too
     full = _calibrate(model, empty, denoise=1.0)[0]
     assert "denoise" not in full.settings and "starts" not in full.diagnostics
+    assert _calibrate(model, empty, denoise=0.99995)[0].key() == full.key()
 
 
 def test_a_second_pass_lands_closer_than_the_builtins(model, calibration_folder):

@@ -46,7 +46,7 @@ class TimeTuner(Method):
         if request.sampler_name not in DETERMINISTIC_SAMPLERS:
             raise ValueError(f"sampler_name {request.sampler_name!r}: TimeTuner needs a deterministic sampler, one of "
                              f"{', '.join(DETERMINISTIC_SAMPLERS)}")
-        if request.sigmas is None and request.denoise >= 1 and float(sigmas[0]) < schedule.sigma_max * (1 - 1e-3):
+        if request.sigmas is None and not request.partial and float(sigmas[0]) < schedule.sigma_max * (1 - 1e-3):
             raise NotApplicable(f"scheduler {request.scheduler} starts at sigma {float(sigmas[0]):.4g}, below the "
                                 f"model's {schedule.sigma_max:.4g}: TimeTuner needs a schedule from sigma_max (or "
                                 "connect sigmas)")
