@@ -45,6 +45,8 @@ class CalibrationRun:
     scheduler: str | None = None    # the scheduler a method samples on here, for scheduler auto (`with_scheduler`)
     builtin_screen: object = None   # the built-ins on the calibration batch (`validation.screen_builtins`), if made
     starts: dict | None = None      # a partial pass: where its pictures came from (`starting_pictures`)
+    calls: list = field(default_factory=lambda: [0.0])     # model calls of every run made here and in its subsets
+                                    # (`subset`, `with_scheduler`), in calls on the whole calibration batch
     _trajectory: Trajectory | None = field(default=None, repr=False)
 
     @property
@@ -61,7 +63,7 @@ class CalibrationRun:
                           [d[rows] for d in full.denoised] if states else [], full.final[rows])
         return CalibrationRun(model=self.model, plan=self.plan, positive=_rows_of(self.positive, rows, self.batch),
                               negative=_rows_of(self.negative, rows, self.batch), latent=self.latent,
-                              rows=tuple(rows), scheduler=self.scheduler,
+                              rows=tuple(rows), scheduler=self.scheduler, calls=self.calls,
                               builtin_screen=self.builtin_screen, _trajectory=part)
 
     def with_scheduler(self, scheduler):
@@ -104,10 +106,10 @@ class CalibrationRun:
         noise = comfy.sample.prepare_noise(latent, seed)
         if self.rows is not None:
             latent, noise = latent[list(self.rows)], noise[list(self.rows)]
-        final = []
+        final, share = [], len(noise) / batch
 
-        def recorded(*args, **kwargs):
-            final.append(function(*args, **kwargs))
+        def recorded(model, *args, **kwargs):
+            final.append(function(_Counted(model, self.calls, share), *args, **kwargs))
             return final[-1]
 
         sampler = comfy.samplers.KSAMPLER(recorded, extra_options=options)
@@ -200,6 +202,21 @@ class CalibrationRun:
         """The index of the teacher sigma nearest to each of `sigmas`."""
         grid = self.trajectory.sigmas.double()
         return [int(torch.argmin((grid - float(s)).abs())) for s in sigmas]
+
+
+class _Counted:
+    """The k-diffusion model a sampler function is given, adding `share` (its rows' part of the calibration batch)
+    to `calls[0]` at every call; everything else is the model's."""
+
+    def __init__(self, model, calls, share):
+        self._model, self._calls, self._share = model, calls, share
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_model"], name)
+
+    def __call__(self, *args, **kwargs):
+        self._calls[0] += self._share
+        return self._model(*args, **kwargs)
 
 
 def _rows_of(conditioning, rows, batch):
