@@ -19,8 +19,6 @@ Pure torch, numpy and scipy; never imports comfy.
 from __future__ import annotations
 
 import torch
-from scipy.optimize import minimize_scalar
-
 from .teacher import rmse
 
 
@@ -257,15 +255,45 @@ class _Runner:
         return out
 
 
+def parabola_search(error, bounds, delta, probes, xatol) -> float:
+    """The r in `bounds` with the lowest error(r) among 1 (tried first) and `probes` more trials: 1 - delta and
+    1 + delta, then the vertices of the parabola in error(r)^2 (a quadratic where the step's state is about linear
+    in the model output, so in r) through the three best points so far (a step of 2 delta downhill where it
+    opens downward); it stops early when a vertex is within xatol of a point tried. A bounded Brent search
+    needed about 11 trials per step for the same ratios (to about 1e-3)."""
+    lo, hi = bounds
+    tried = {1.0: error(1.0)}
+    candidates = [1.0 - delta, 1.0 + delta]
+    for _ in range(probes):
+        r = min(hi, max(lo, candidates.pop(0) if candidates else _vertex(tried, delta)))
+        if any(abs(r - q) < xatol for q in tried):
+            break
+        tried[r] = error(r)
+    return min(tried, key=tried.get)
+
+
+def _vertex(tried, delta) -> float:
+    """The minimum of the parabola in error^2 through the three best points tried; 2 delta beyond the best one,
+    downhill, where the parabola has no minimum."""
+    (a, fa), (b, fb), (c, fc) = sorted(sorted(tried.items(), key=lambda p: p[1])[:3])
+    fa, fb, fc = fa * fa, fb * fb, fc * fc
+    slope_ab = (fb - fa) / (b - a)
+    curvature = ((fc - fb) / (c - b) - slope_ab) / (c - a)
+    if curvature > 0:
+        return (a + b) / 2 - slope_ab / (2 * curvature)
+    best = min(tried, key=tried.get)
+    return best - 2 * delta if best == min(tried) else best + 2 * delta if best == max(tried) else best
+
+
 def tune_time_ratios(model, x, sigmas, extra_args=None, callback=None, disable=None, *, base, base_options=None,
-                     targets, with_time_ratio, callback_scale=None, bounds=(0.7, 1.3), xatol=2e-3, maxiter=16,
-                     result=None, verify=None):
+                     targets, with_time_ratio, callback_scale=None, bounds=(0.7, 1.3), delta=0.05, probes=4,
+                     xatol=2e-3, result=None, verify=None):
     """k-diffusion-style function: fits one time ratio per step of `base` on `sigmas`; returns the tuned final x.
 
     targets[k]: the target state at sigmas[k + 1] (k = 0..N-1, the last the final latent), ComfyUI's
     k-diffusion coordinates, shape of x. Step after step, each r_i minimises the RMSE between the student's
-    state at sigmas[i + 1] (from its own tuned states) and targets[i] by a bounded Brent search in `bounds`
-    (xatol, maxiter); r_i stays 1 unless the search beats r = 1. callback_scale(sigma): the factor that turns
+    state at sigmas[i + 1] (from its own tuned states) and targets[i] by `parabola_search` in `bounds` (delta,
+    probes, xatol); r_i stays 1 unless the search beats r = 1. callback_scale(sigma): the factor that turns
     the x the base sampler reports to its callback at sigma into its state (None: 1).
 
     Cost: a trial runs the base sampler from the start through a memo of model calls (same call
@@ -313,8 +341,7 @@ def tune_time_ratios(model, x, sigmas, extra_args=None, callback=None, disable=N
                             completed=completed)
             return e
 
-        error(1.0)
-        minimize_scalar(error, bounds=bounds, method="bounded", options={"xatol": xatol, "maxiter": maxiter})
+        parabola_search(error, bounds, delta, probes, xatol)
         ratios.values[i] = best["r"]
         trial_model.reference = best["record"]
         if best["completed"]:

