@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ...optimizers import iia
+from ...optimizers.teacher import rmse
 from ..builtins import model_evaluations
 from . import Method, finite, scheduler_setting
 
@@ -72,9 +73,12 @@ class IIA(Method):
         start = time.perf_counter()
         if self.target(run.request) == "teacher":
             fit.targets = run.teacher_states(run.sigmas[1:])
-        run.sample(iia.sample_iia, run.sigmas.float(), schedule=run.schedule, variant=self.name, r=HISTORY, fit=fit)
+        x = run.sample(iia.sample_iia, run.sigmas.float(), schedule=run.schedule, variant=self.name, r=HISTORY,
+                       fit=fit)
         tensors = finite(self.name, {"sigmas": run.sigmas.float(), "coefficients": torch.stack(fit.coefficients)})
-        return tensors, {"step_error": fit.fit_error, "plain_step_error": fit.plain_error,
+        # (each step is fitted before it is taken: the fitting run's final x is the fit's own sample)
+        in_sample = {"rmse": rmse(x.cpu(), run.trajectory.final)} if fit.targets is not None else {}
+        return tensors, {**in_sample, "step_error": fit.fit_error, "plain_step_error": fit.plain_error,
                          "target": self.target(run.request), "scheduler": run.scheduler_name,
                          "evaluations": fit.evaluations,
                          "fit_seconds": time.perf_counter() - start}

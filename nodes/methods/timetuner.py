@@ -21,6 +21,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ...optimizers import timetuner
+from ...optimizers.teacher import rmse
 from ..builtins import DETERMINISTIC_SAMPLERS, ksampler_sigmas, model_evaluations
 from . import Method, NotApplicable, finite, scheduler_setting
 
@@ -66,12 +67,15 @@ class TimeTuner(Method):
         base = comfy.samplers.sampler_object(request.sampler_name)
         result = {}
         start = time.perf_counter()
-        run.sample(timetuner.tune_time_ratios, sigmas.float(), base=base.sampler_function,
+        x = run.sample(timetuner.tune_time_ratios, sigmas.float(), base=base.sampler_function,
                    base_options=base.extra_options, targets=targets, with_time_ratio=with_time_ratio,
                    callback_scale=CALLBACK_SCALES.get(request.sampler_name), verify=verify_time_ratio, result=result)
         tensors = finite(self.name, {"sigmas": sigmas.float(), "ratios": result["ratios"].double()})
         steps = len(sigmas) - 1
-        return tensors, {"sampler_name": request.sampler_name, "scheduler": run.scheduler_name,
+        # (each ratio is tuned before the next step is taken: the tuning run's final x is the fit's own sample; its
+        # first run, every ratio 1, is the plain sampler's)
+        return tensors, {"rmse": rmse(x.cpu(), run.trajectory.final), "plain_rmse": result["errors_nominal"][-1],
+                         "sampler_name": request.sampler_name, "scheduler": run.scheduler_name,
                          "step_error": result["errors_final"], "plain_step_error": result["errors_nominal"],
                          "evaluations": result["evaluations"],
                          "evaluations_per_step": result["evaluations"] / steps,
