@@ -1,8 +1,9 @@
 """Validation on noises a fit did not see, and the choice it allows.
 
-Two folds of the calibration batch (the even and the odd noises): a method is fitted on one half exactly as
-on the whole batch (its own choices included) and sampled on the other, against the teacher; its validated
-error is the RMSE over both held-out halves. Its plain solver on the fit's sigmas (`Method.plain_tensors`;
+Two folds of the calibration batch (the even and the odd noises, `methods.folds`): a method is fitted on one half
+exactly as on the whole batch (its own choices included) and sampled on the other, against the teacher; its
+validated error is the RMSE over both held-out halves. OLSS, whose fit already chooses its schedule and form by
+their errors on these folds, reports that error instead of being fitted again. Its plain solver on the fit's sigmas (`Method.plain_tensors`;
 for OLSS's searched steps, sigmas chosen on the whole batch) is sampled on the whole batch. A fit that
 validates worse than its plain solver is stored as the plain solver. Built-in samplers are fitted on
 nothing, so their error on the calibration batch is already a validated one (`screen_builtins`: every
@@ -18,32 +19,39 @@ import comfy.samplers
 
 from ..optimizers.teacher import rmse
 from .builtins import ONE_EVALUATION, model_evaluations, same_start, schedules
-from .methods import METHODS
+from .methods import METHODS, folds
 
 SCREEN_KEEP = 6             # built-ins (sampler, scheduler) that go on from the screen to the whole batch
 
 
-def validate(name, run, tensors):
+def validate(name, run, tensors, facts):
     """(tensors to store: the fit's or its plain solver's, {"rmse", "plain_rmse", "kept", "kept_rmse",
-    "evaluations"}) for method `name` fitted as `tensors` on the whole of `run`; (tensors, None) where the batch
-    has fewer than 2 noises. "evaluations": the batched model calls validation made (half-batch calls for the
-    folds)."""
+    "evaluations"}) for method `name` fitted as `tensors` (with diagnostics `facts`) on the whole of `run`;
+    (tensors, None) where the batch has fewer than 2 noises. A fit that judged itself on the same folds
+    (`facts["cross_validated"]`: OLSS, whose fit chooses among its forms by it) is not fitted again, and a plain
+    solver's error measured already (`facts["plain_rmse"]`) is not measured again.
+    "evaluations": the model calls validation made, in calls on the whole batch."""
     method = METHODS[name]
     settings = run.plan.settings
-    if run.batch < 2:
+    halves = folds(run.batch)
+    if not halves:
         return tensors, None
     per_run = method.evaluations(run.request.steps, settings)
     plain = method.plain_tensors(tensors, settings, run.schedule)
-    plain_rmse = rmse(run.sample_fit(method, plain), run.trajectory.final)
-    halves = [list(range(0, run.batch, 2)), list(range(1, run.batch, 2))]
-    held, teacher, calls = [], [], per_run
-    for fit_rows, test_rows in zip(halves, halves[::-1]):
-        fitted, diagnostics = method.fit(run.subset(fit_rows))
-        test = run.subset(test_rows, states=False)
-        held.append(test.sample_fit(method, fitted))
-        teacher.append(test.trajectory.final)
-        calls += diagnostics["evaluations"] + per_run
-    validated = rmse(torch.cat(held), torch.cat(teacher))
+    plain_rmse, calls = facts.get("plain_rmse"), 0.0
+    if plain_rmse is None:
+        plain_rmse, calls = rmse(run.sample_fit(method, plain), run.trajectory.final), per_run
+    validated = facts.get("cross_validated")
+    if validated is None:
+        held, teacher = [], []
+        for fit_rows, test_rows in zip(halves, halves[::-1]):
+            part = run.subset(fit_rows)
+            fitted, diagnostics = method.fit(part)
+            test = run.subset(test_rows, states=False)
+            held.append(test.sample_fit(method, fitted))
+            teacher.append(test.trajectory.final)
+            calls += (diagnostics["evaluations"] + per_run) * len(fit_rows) / run.batch
+        validated = rmse(torch.cat(held), torch.cat(teacher))
     kept = "fit" if validated <= plain_rmse else "plain"
     return (tensors if kept == "fit" else plain), {"rmse": validated, "plain_rmse": plain_rmse, "kept": kept,
                                                    "kept_rmse": min(validated, plain_rmse), "evaluations": calls}

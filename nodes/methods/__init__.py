@@ -5,8 +5,9 @@ A `Method` owns everything about itself: its settings and their checks, the sche
 whether it needs the teacher, the settings it adds to a calibration's key, its fit, its sampler, its
 model evaluations per sample, which KSampler inputs a calibration of it must match, its plain solver on the
 same sigmas (what a fit that validates worse is stored as, `nodes/validation.py`), its stored tensors' shapes,
-and what it reports (`fit`'s diagnostics: "evaluations" the fit made, "step_error", and "plain_step_error"
-where the method corrects a plain solver). Adding a method is one module and one line in `METHODS` below.
+and what it reports (`fit`'s diagnostics: "evaluations" the fit made, "step_error", "plain_step_error"
+where the method corrects a plain solver, "rmse" where its fitting run was its own sample on the batch, and
+"cross_validated" where the fit judged itself on the `folds` that validation uses). Adding a method is one module and one line in `METHODS` below.
 """
 import torch
 
@@ -102,6 +103,12 @@ def finite(name, tensors):
             raise ValueError(f"{name}: the fit gave NaN or inf ({key}); the model's outputs are not finite or the "
                              "calibration batch is degenerate: nothing was stored")
     return tensors
+
+
+def folds(batch) -> list:
+    """The two folds of a calibration batch that validation fits on and judges with (the even and the odd
+    noises); none for a batch of one."""
+    return [list(range(0, batch, 2)), list(range(1, batch, 2))] if batch >= 2 else []
 
 
 def scheduler_setting(request) -> dict:

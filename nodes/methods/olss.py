@@ -1,12 +1,12 @@
 """OLSS and OLSS-P (Duan et al., CIKM 2023) on ComfyUI: candidate schedules, the teacher fit and its
-re-solve on the student's own outputs, chosen by the error against the teacher on the calibration batch."""
+re-solve on the student's own outputs, chosen by their cross-validated error against the teacher."""
 import time
 
 import torch
 
 from ...optimizers import olss
 from ...optimizers.teacher import rmse
-from . import Method, finite, scheduler_setting
+from . import Method, finite, folds, scheduler_setting
 
 
 class OLSS(Method):
@@ -27,79 +27,104 @@ class OLSS(Method):
     def settings(self, request):
         return scheduler_setting(request) if self.search else {}
 
-    def candidates(self, run, gram):
-        """{label: OLSSCoefficients fitted to the teacher's own outputs (eq. 12)}: the given sigmas' nearest
-        teacher steps; else the uniform path, and for OLSS the searched path and the scheduler's sigmas
-        (DDIM's coefficients as the prior there: they are not teacher steps)."""
+    def paths(self, run, gram):
+        """{label: teacher step indices, or None for the scheduler's sigmas}: the candidate schedules, chosen on the
+        teacher run of the whole batch. The given sigmas' nearest teacher steps; else the uniform path, and for
+        OLSS the searched path and the scheduler's sigmas (not teacher steps: DDIM's coefficients are their prior)."""
         steps = run.request.steps
         if run.request.sigmas is not None:
-            return {"given sigmas": olss.fit_olss(gram, run.nearest_teacher_steps(run.sigmas[:-1]))}
-        candidates = {"uniform path": olss.fit_olss(gram, olss.uniform_path(gram.teacher_steps, steps))}
+            return {"given sigmas": run.nearest_teacher_steps(run.sigmas[:-1])}
+        paths = {"uniform path": olss.uniform_path(gram.teacher_steps, steps)}
         if self.search:
-            candidates["searched path"] = olss.fit_olss(gram, olss.search_path(gram, steps))
-            sigmas = run.sigmas.double()
-            weights_x, weights_d = olss.ddim_coefficients(run.schedule, sigmas)
-            candidates[f"{run.scheduler_name} sigmas"] = olss.OLSSCoefficients(
-                tuple(run.nearest_teacher_steps(sigmas[:-1])), sigmas.float(), weights_x, weights_d,
-                torch.zeros(steps, dtype=torch.float64))
-        return candidates
+            paths["searched path"] = olss.search_path(gram, steps)
+            paths[f"{run.scheduler_name} sigmas"] = None
+        return paths
 
     @staticmethod
-    def gram(run):
-        """(Gram matrices of the teacher run, seconds), made once per run and shared by OLSS and OLSS-P."""
-        if "olss.gram" not in run.memo:
-            trajectory = run.trajectory            # (the teacher run is not the Gram matrix's time)
-            start = time.perf_counter()
+    def teacher_fit(run, gram, path):
+        """OLSSCoefficients fitted to a teacher run's own outputs (eq. 12; `gram` of some of its rows), or for the
+        scheduler's sigmas (path None) DDIM's."""
+        if path is not None:
+            return olss.fit_olss(gram, path)
+        sigmas = run.sigmas.double()
+        weights_x, weights_d = olss.ddim_coefficients(run.schedule, sigmas)
+        return olss.OLSSCoefficients(tuple(run.nearest_teacher_steps(sigmas[:-1])), sigmas.float(), weights_x,
+                                     weights_d, torch.zeros(len(sigmas) - 1, dtype=torch.float64))
+
+    @staticmethod
+    def gram(run, rows=None):
+        """(Gram matrices of the teacher run on `rows` (None: all), seconds), made once per run and shared by OLSS
+        and OLSS-P."""
+        key = ("olss.gram", None if rows is None else tuple(rows))
+        if key not in run.memo:
+            trajectory = run.trajectory if rows is None else run.subset(rows).trajectory
+            start = time.perf_counter()         # (the teacher run is not the Gram matrix's time)
             gram = olss.trajectory_gram(trajectory, run.schedule)
-            run.memo["olss.gram"] = gram, time.perf_counter() - start
-        return run.memo["olss.gram"]
+            run.memo[key] = gram, time.perf_counter() - start
+        return run.memo[key]
 
     def fit(self, run):
-        """For each candidate schedule, the teacher-fitted coefficients and the same re-solved on the student's
-        own outputs (`olss.SequentialResolve`); keeps the one whose final x comes closest to the teacher's on the
-        calibration batch. A re-solve is judged by two-fold cross-validation (fitted on half the batch, measured
-        on the other half), so that it replaces the teacher fit only where it generalises."""
-        gram, gram_seconds = self.gram(run)
+        """Every candidate schedule (`paths`) in two forms, each judged by two-fold cross-validation (`folds`:
+        fitted on one half of the batch, sampled on the other): the teacher fit, and the same re-solved on the
+        student's own outputs (`olss.SequentialResolve`). The form and schedule that validate best are fitted on
+        the whole batch and kept; diagnostics["cross_validated"] is their validated error (so `validate` does not
+        fit OLSS again). With one noise, the teacher fit that comes closest to the teacher is kept."""
+        gram, seconds = self.gram(run)
         start = time.perf_counter()
         final = run.trajectory.final.double()
         norm = float(gram.target_sq[-1].sqrt()) or 1.0
-        batch = run.batch
-        halves = [list(range(0, batch, 2)), list(range(1, batch, 2))]
-        scores, best, evaluations = {}, None, 0
+        halves = folds(run.batch)
+        scores, evaluations, best = {}, 0, None
 
-        def sample(c, targets, rows=None, resolve=True):
-            """(final x, coefficients, SequentialResolve) of one run: re-solving on `rows` (None: all), or
-            measuring."""
+        def sample(part, c, targets, rows=None, resolve=True):
+            """(final x, the coefficients it wrote, SequentialResolve) of c sampled on `part` of the run, re-solving
+            on `rows` of it (None: all) or, without `resolve`, keeping c."""
             nonlocal evaluations
-            evaluations += c.steps
+            evaluations += c.steps * part.batch / run.batch
             ours = c.copy()
             scales = [run.schedule.native_scale(float(s)) / norm for s in c.sigmas[1:]]
             solver = olss.SequentialResolve(targets, scales, rows=rows, keep_prior=not resolve)
-            x = run.sample(olss.sample_olss, c.sigmas.float(), coefficients=ours, resolve=solver).cpu().double()
+            x = part.sample(olss.sample_olss, c.sigmas.float(), coefficients=ours, resolve=solver).cpu().double()
             return x, ours, solver
 
-        for label, c in self.candidates(run, gram).items():
+        for label, path in self.paths(run, gram).items():
+            c = self.teacher_fit(run, gram, path)
             targets = run.teacher_states(c.sigmas[1:])
-            x, measured, solver = sample(c, targets, resolve=False)
-            scores[label] = {"teacher fit": rmse(x, final)}
-            if best is None or scores[label]["teacher fit"] < best[0]:
-                best = scores[label]["teacher fit"], label, measured, solver, targets
-            if batch >= 2:
-                held = torch.cat([sample(c, targets, rows=half)[0][other] for half, other in zip(halves, halves[::-1])])
-                scores[label]["re-solved, cross-validated"] = rmse(held, final[halves[1] + halves[0]])
-                if scores[label]["re-solved, cross-validated"] < best[0]:
-                    best = scores[label]["re-solved, cross-validated"], label, c, None, targets
-        in_sample, label, c, solver, targets = best
-        resolved = solver is None
-        if resolved:            # (re-solved on the whole batch: the run of the coefficients it writes back)
-            x, c, solver = sample(c, targets)
-            in_sample = rmse(x, final)
+            if not halves:
+                x, measured, solver = sample(run, c, targets, resolve=False)
+                scores[label] = {"teacher fit": rmse(x, final)}
+                if best is None or scores[label]["teacher fit"] < best[0]:
+                    best = scores[label]["teacher fit"], label, measured, solver, False
+                continue
+            fitted = [self.teacher_fit(run, self.gram(run, rows)[0], path) for rows in halves]
+            held, resolved = [], []
+            for fit_rows, test_rows, prior in zip(halves, halves[::-1], fitted):
+                test = run.subset(test_rows, states=False)
+                held.append(sample(test, prior, [t[test_rows] for t in targets], resolve=False)[0])
+                resolved.append(sample(run, prior, targets, rows=fit_rows)[0][test_rows])
+            order = halves[1] + halves[0]
+            scores[label] = {"teacher fit, cross-validated": rmse(torch.cat(held), final[order]),
+                             "re-solved, cross-validated": rmse(torch.cat(resolved), final[order])}
+            for form, error in scores[label].items():
+                if best is None or error < best[0]:
+                    best = error, label, c, targets, form.startswith("re-solved")
+        if halves:
+            validated, label, c, targets, resolved = best
+            in_sample = {}
+            if resolved:            # (re-solved on the whole batch: the run of the coefficients it writes back)
+                x, c, solver = sample(run, c, targets)
+                in_sample = {"rmse": rmse(x, final)}
+            step_error = solver.errors if resolved else c.errors.tolist()
+            facts = {**in_sample, "cross_validated": validated}
+        else:
+            in_sample, label, c, solver, resolved = best
+            step_error, facts = solver.errors, {"rmse": in_sample}
         tensors = finite(self.name, {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
                                      "weights_x": c.weights_x.double(), "weights_d": c.weights_d.double(),
                                      "errors": c.errors.double()})
-        return tensors, {"step_error": solver.errors, "rmse": in_sample, "schedule": label, "resolved": resolved,
-                         "candidate_rmse": scores,
-                         "evaluations": evaluations, "fit_seconds": time.perf_counter() - start + gram_seconds}
+        return tensors, {**facts, "step_error": step_error, "schedule": label, "resolved": resolved,
+                         "candidate_rmse": scores, "evaluations": evaluations,
+                         "fit_seconds": time.perf_counter() - start + seconds}
 
     def plain_tensors(self, tensors, settings, schedule):
         """DDIM on the fit's sigmas, written in OLSS's basis."""
