@@ -7,7 +7,8 @@ auto, made by the nodes' own `fit`, with a fixed teacher and with teacher_steps 
 Model calls are counted as ComfyUI makes them (guided calls, after CFG) and weighed by the rows they
 evaluate, so a call on half the calibration batch counts one half: "calls" are calls on the whole batch.
 They are split into the teacher's runs (diagnostics["teacher"]), the built-in screen
-(diagnostics["builtins_evaluations"]) and the rest (the fits, their validation and the report). Each method's
+(diagnostics["builtins_evaluations"]) and the rest: each method's fits and validation (diagnostics[method]["calls"])
+and the report's (diagnostics["report_calls"]); the node's own total is checked against the count. Each method's
 held-out error (new seeds, the calibration's prompts) is measured against a 500-step teacher, for both
 calibrations, and so is the sample `auto` chooses.
 """
@@ -56,9 +57,11 @@ def measure(case, nfe, teacher_steps):
     errors = {m: held_out(case, calibration, m) for m in calibration.fits}
     choice = choose(d["validated"], nfe)
     errors["auto"] = held_out(case, calibration, choice)
+    assert abs(calls - d["calls"]) < 1e-6, (calls, d["calls"])        # the node's own count is every call
     return {"teacher_steps": teacher["steps"], "estimate": teacher.get("estimate"), "target": teacher.get("target"),
             "calls": calls, "teacher_calls": teacher["evaluations"], "builtin_calls": d["builtins_evaluations"],
             "other_calls": calls - teacher["evaluations"] - d["builtins_evaluations"], "seconds": seconds,
+            "method_calls": {m: d[m]["calls"] for m in calibration.fits}, "report_calls": d["report_calls"],
             "auto": choice, "held_out": errors}
 
 
@@ -77,6 +80,14 @@ def markdown(results):
             lines.append(f"| {r['model']} | {r['nfe']} | {setting}: {m['teacher_steps']} steps | {estimate} | "
                          f"{m['teacher_calls']:.0f} | {m['builtin_calls']:.0f} | {m['other_calls']:.0f} | "
                          f"{m['calls']:.0f} | {m['seconds']:.0f} | {m['auto']} | {m['held_out']['auto']:.4f} |")
+    fitted = sorted({m for r in results for m in r["auto"]["method_calls"]})
+    lines += ["", "Model calls per method with teacher_steps auto (its fits and validation, every scheduler tried), "
+              "and the report's", "", "| model | NFE | " + " | ".join(fitted) + " | report |",
+              "|---|---|" + "---|" * (len(fitted) + 1)]
+    for r in results:
+        m = r["auto"]
+        lines.append(f"| {r['model']} | {r['nfe']} | " + " | ".join(f"{m['method_calls'][f]:.0f}" for f in fitted)
+                     + f" | {m['report_calls']:.0f} |")
     methods = sorted({m for r in results for m in r["fixed"]["held_out"]})
     lines += ["", "Held-out RMSE with teacher_steps auto as a ratio to the fixed teacher's (1.00: the same)", "",
               "| model | NFE | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]

@@ -66,8 +66,17 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
     With teacher_steps auto, the teacher is first made long enough that its estimated error is at most
     1/TEACHER_MARGIN of the best built-in's (`diagnostics["teacher"]`); `check_memory(teacher_steps)` is called
     before a longer teacher run. With scheduler auto, a method that keeps a schedule is fitted on each of the
-    SCHEDULER_TRIES schedulers where its plain sampler screened best, and keeps the one that validates best
-    (`diagnostics[method]["scheduler"]`); the others sample on the scheduler where euler screened best."""
+    SCHEDULER_TRIES schedulers where its plain sampler screened best, and keeps the one that comes closest to the
+    teacher on the calibration batch in its fitting run ("rmse"; TimeTuner's first run is its plain sampler's,
+    "plain_rmse", and counts too), `diagnostics[method]["schedulers_tried"]`: IIA's and TimeTuner's few
+    coefficients per step barely overfit (their errors on the batch were within 2-10% of their validated ones).
+    Only the one kept is validated (`diagnostics[method]["scheduler"]`). The others sample on the scheduler where
+    euler screened best.
+
+    Model calls (in calls on the whole calibration batch): `diagnostics["calls"]` all of them, of which the
+    teacher's (`diagnostics["teacher"]["evaluations"]`), the built-ins' ("builtins_evaluations"), each method's
+    fits and validation over every scheduler tried (`diagnostics[method]["calls"]`) and the report's
+    ("report_calls")."""
     request, p = run.request, run.plan
     diagnostics, screen = {}, None
     if run.starts is not None:
@@ -94,28 +103,32 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
         if auto and "scheduler" in method.follows:
             tries = [run.with_scheduler(scheduler) for scheduler in screen.schedulers_for(
                 method.plain_sampler(p.settings), SCHEDULER_TRIES, p.start)] or tries
-        tried = {}
+        calls, fitted = run.calls[0], []
         for attempt in tries:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            tensors, facts = method.fit(attempt)
-            check = None
-            if attempt.has_teacher:
-                tensors, check = validate(name, attempt, tensors)
-                facts["validation"] = check
-                tried[attempt.scheduler_name] = check and check["kept_rmse"]
-            if name not in fits or (check and check["kept_rmse"] < diagnostics[name]["validation"]["kept_rmse"]):
-                fits[name], diagnostics[name] = tensors, facts
-        if len(tries) > 1:
-            diagnostics[name]["schedulers_tried"] = tried
+            fitted.append((attempt, *method.fit(attempt)))
+        attempt, tensors, facts = fitted[0]
+        if len(fitted) > 1:         # the closest to the teacher on the batch: the fit's own run, or its plain solver's
+            tried = {attempt.scheduler_name: min(facts["rmse"], facts.get("plain_rmse", math.inf))
+                     for attempt, tensors, facts in fitted}
+            attempt, tensors, facts = min(fitted, key=lambda f: tried[f[0].scheduler_name])
+            facts["schedulers_tried"] = tried
+        if attempt.has_teacher:
+            tensors, facts["validation"] = validate(name, attempt, tensors, facts)
+        fits[name], diagnostics[name] = tensors, facts
+        diagnostics[name]["calls"] = run.calls[0] - calls
         check = diagnostics[name].get("validation")
         if check is not None:
             validated[name] = {"rmse": check["kept_rmse"], "evaluations": evaluations[name], "method": name}
     if run.has_teacher:
         diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
+        calls = run.calls[0]
         diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations, screen.candidates,
                                                                     diagnostics)
+        diagnostics["report_calls"] = run.calls[0] - calls
         diagnostics["validated"] = {**validated, **screen.candidates}
         diagnostics["borrowable"] = nearby.ranges_for([*fits, "auto"])
+    diagnostics["calls"] = run.calls[0]
     return Calibration(family=p.schedule.family, fingerprint=p.fingerprint, cfg=float(request.cfg),
                        latent_shape=latent_shape, steps=request.steps, settings=p.settings, fits=fits,
                        evaluations=evaluations, diagnostics=diagnostics)

@@ -1,5 +1,7 @@
 """CalibrateSampler, the cache, the sampler nodes, CalibrationSigmas, LoadCalibration and CalibratedKSampler,
 executed as ComfyUI executes them, on the closed-form models."""
+import math
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def calibration_folder(tmp_path, monkeypatch):
 
 def _count(calls):
     def post_cfg(args):
-        calls.append(1)
+        calls.append(args["denoised"].shape[0])             # (the rows of the call)
         return args["denoised"]
     return post_cfg
 
@@ -56,40 +58,42 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     counted.set_model_sampler_post_cfg_function(_count(calls))
     calibration, teacher_latent, sigmas = _calibrate(counted)
     assert calibration.methods == sorted(ALL) and calibration.steps == 4
-    # every model call is accounted for: the teacher's, each fit's own (OLSS: per candidate schedule, a run with
-    # the teacher fit and two cross-validation refits, then the chosen refit; IIA fitted to the teacher: one
-    # run), the report's comparison on the calibration batch: each method (Heun forms 2 * 4 - 1), and the built-ins:
-    # every one-evaluation sampler on every scheduler giving 4 steps, on one noise, then the SCREEN_KEEP best on
-    # the others (4 steps each)
-    own = sum(calibration.diagnostics[m]["evaluations"] for m in ALL)
-    olss_fit = calibration.diagnostics["olss"]
-    assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"])
-    assert calibration.diagnostics["iia_ddim"]["evaluations"] == 4
-    assert calibration.diagnostics["iia_heun"]["evaluations"] == 7
+    # every model call is accounted for, in calls on the whole batch of 6 (a call on half of it counts a half): the
+    # teacher's; the built-ins' (every one-evaluation sampler on every scheduler giving 4 steps on one noise, then
+    # the SCREEN_KEEP best on the other 5); each method's fit and validation; the report's
+    d = calibration.diagnostics
+    assert sum(calls) / 6 == pytest.approx(d["calls"])
+    assert d["calls"] == pytest.approx(d["teacher"]["evaluations"] + d["builtins_evaluations"] + d["report_calls"]
+                                       + sum(d[m]["calls"] for m in ALL))
+    assert d["teacher"]["evaluations"] == 120
     ms = model.get_model_object("model_sampling")
     screened = sum(len(schedules(ms, 4, name)) for name in ONE_EVALUATION)
-    # (a fit's run on the batch is not made again where its fit or validation made it: OLSS's chosen candidate, a
-    # fit stored as its plain solver)
-    again = [m for m in ALL if "rmse" not in calibration.diagnostics[m]
-             and calibration.diagnostics[m]["validation"]["kept"] == "fit"]
-    assert "olss" not in again and "iia_ddim" in again or calibration.diagnostics["iia_ddim"]["validation"]["kept"] == "plain"
-    report = sum(calibration.evaluations[m] for m in again) + (screened + SCREEN_KEEP) * 4
-    # validation: per method its plain solver on the batch, then on each half a fit and a run on the other half
-    validation = sum(calibration.diagnostics[m]["validation"]["evaluations"] for m in ALL)
-    assert all(calibration.diagnostics[m]["validation"]["evaluations"] > 3 * calibration.evaluations[m]
-               for m in ALL)
-    assert len(calls) == 120 + own + report + validation and teacher_latent["samples"].shape == (6, 4, 8, 8)
+    assert d["builtins_evaluations"] == pytest.approx((screened + 5 * SCREEN_KEEP) * 4 / 6)
+    # OLSS: per candidate schedule the teacher fit of each half sampled on the other half (one run in all) and
+    # the re-solve on each half (a run each), then the chosen re-solve on the batch; validation adds only its plain
+    # solver (OLSS judged itself on the same folds). IIA: its fit, its plain solver, and on each half a fit and a
+    # run on the other half
+    olss_fit = d["olss"]
+    assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"])
+    assert olss_fit["calls"] == olss_fit["evaluations"] + 4
+    assert d["iia_ddim"]["evaluations"] == 4 and d["iia_ddim"]["calls"] == 4 * 4
+    assert d["iia_heun"]["evaluations"] == 7 and d["iia_heun"]["calls"] == 4 * 7
+    # (a fit's run on the batch is made again for the report only where neither its fit nor validation made it:
+    # an OLSS teacher fit kept as it is)
+    again = [m for m in ALL if "rmse" not in d[m] and d[m]["validation"]["kept"] == "fit"]
+    assert set(again) <= {"olss", "olss_p"}
+    assert d["report_calls"] == sum(calibration.evaluations[m] for m in again)
+    assert teacher_latent["samples"].shape == (6, 4, 8, 8)
     builtins = set(calibration.diagnostics["calibration_batch"]) - set(ALL)
     assert len(builtins) == SCREEN_KEEP and builtins <= set(calibration.diagnostics["validated"])
     assert torch.equal(sigmas, calibration.fits["olss"]["sigmas"]) and len(sigmas) == 5
-    # OLSS keeps the candidate (schedule, teacher fit or cross-validated refit) that came closest to the
-    # teacher; a kept teacher fit's stored coefficients replay its run
+    # OLSS keeps the candidate (schedule, teacher fit or re-solve) that validated best on the folds, and that
+    # error is its validated one
     scores = olss_fit["candidate_rmse"]
     assert set(scores) == {"searched path", "uniform path", "karras sigmas"}
-    chosen = scores[olss_fit["schedule"]]["re-solved, cross-validated" if olss_fit["resolved"] else "teacher fit"]
-    assert chosen == min(v for s in scores.values() for v in s.values())
-    if not olss_fit["resolved"] and olss_fit["validation"]["kept"] == "fit":
-        assert chosen == pytest.approx(calibration.diagnostics["calibration_batch"]["olss"]["rmse"], rel=1e-4)
+    form = "re-solved, cross-validated" if olss_fit["resolved"] else "teacher fit, cross-validated"
+    chosen = scores[olss_fit["schedule"]][form]
+    assert chosen == min(v for s in scores.values() for v in s.values()) == olss_fit["validation"]["rmse"]
     for m in ALL:              # a fit that validates worse than its plain solver is stored as the plain solver
         check = calibration.diagnostics[m]["validation"]
         assert check["kept"] == ("fit" if check["rmse"] <= check["plain_rmse"] else "plain")
@@ -291,25 +295,26 @@ def test_auto_samples_with_what_validated_best(model, calibration_folder):
 
 
 def test_auto_chooses_a_built_in_when_every_fit_validates_worse(model, calibration_folder, monkeypatch):
-    """The fit made bad (its coefficients tripled, and so its plain solver's): it validates worse than the
-    built-ins, and `auto` samples with the best built-in, exactly as SamplerCustom would with it."""
-    method = METHODS["olss"]
+    """The fit made bad (IIA-DDIM's correction coefficients, and its plain solver's, moved by 3: validation fits it
+    again on each fold, so its fold fits are bad too): it validates worse than the built-ins, and `auto` samples
+    with the best built-in, exactly as SamplerCustom would with it."""
+    method = METHODS["iia_ddim"]
     good_fit, good_plain = method.fit, method.plain_tensors
 
     def bad_fit(run):
         tensors, diagnostics = good_fit(run)
-        return {**tensors, "weights_d": 3 * tensors["weights_d"]}, diagnostics
+        return {**tensors, "coefficients": tensors["coefficients"] + 3}, diagnostics
 
     monkeypatch.setattr(method, "fit", bad_fit)
     monkeypatch.setattr(method, "plain_tensors", lambda tensors, settings, schedule: {
-        **good_plain(tensors, settings, schedule), "weights_d": 3.5 * tensors["weights_d"]})
-    calibration = _calibrate(model, method="olss")[0]
-    check = calibration.diagnostics["olss"]["validation"]
+        **good_plain(tensors, settings, schedule), "coefficients": tensors["coefficients"] + 3.5})
+    calibration = _calibrate(model, method="iia_ddim")[0]
+    check = calibration.diagnostics["iia_ddim"]["validation"]
     assert check["kept"] == ("fit" if check["rmse"] <= check["plain_rmse"] else "plain")
     validated = calibration.diagnostics["validated"]
     builtins = {label: v for label, v in validated.items() if "sampler" in v}
     best = min(builtins, key=lambda label: builtins[label]["rmse"])
-    assert validated["olss"]["rmse"] > builtins[best]["rmse"]
+    assert validated["iia_ddim"]["rmse"] > builtins[best]["rmse"]
     out = _ksampler(model, "auto", calibration=calibration)
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
     expected = SamplerCustom.execute(model, True, 5, CFG, gmm.conditioning([3]), gmm.null_conditioning(),
@@ -385,8 +390,9 @@ def test_teacher_steps_auto_takes_a_longer_teacher_for_a_harder_model():
 
 def test_scheduler_auto_keeps_the_schedule_that_validates_best(model):
     """scheduler auto: IIA and TimeTuner are each fitted on the SCHEDULER_TRIES schedulers where their plain
-    sampler did best on the screening noise, and keep the one that validates best: its sigmas are stored, and
-    KSampler (Calibrated) with scheduler auto samples the calibration's choice exactly as SamplerCustom does."""
+    sampler did best on the screening noise, and keep the one whose fit or plain solver came closest to the teacher
+    on the calibration batch, which is then validated: its sigmas are stored, and KSampler (Calibrated) with
+    scheduler auto samples the calibration's choice exactly as SamplerCustom does."""
     from calibrated_samplers.nodes.builtins import ksampler_sigmas
     from calibrated_samplers.nodes.calibrate import SCHEDULER_TRIES
     calibration = _calibrate(model, method="all", scheduler="auto")[0]
@@ -396,7 +402,7 @@ def test_scheduler_auto_keeps_the_schedule_that_validates_best(model):
         facts = calibration.diagnostics[name]
         tried = facts["schedulers_tried"]
         assert len(tried) == SCHEDULER_TRIES and facts["scheduler"] == min(tried, key=tried.get)
-        assert facts["validation"]["kept_rmse"] == min(tried.values())
+        assert min(tried.values()) == min(facts["rmse"], facts.get("plain_rmse", math.inf))
         expected = ksampler_sigmas(ms, facts["scheduler"], 4, "euler")
         assert torch.allclose(calibration.fits[name]["sigmas"], expected.float())
     screened = {label: entry for label, entry in calibration.diagnostics["validated"].items() if "sampler" in entry}
