@@ -3,10 +3,11 @@
 Two folds of the calibration batch (the even and the odd noises, `methods.folds`): a method is fitted on one half
 exactly as on the whole batch (its own choices included) and sampled on the other, against the teacher; its
 validated error is the RMSE over both held-out halves. OLSS, whose fit already chooses its schedule and form by
-their errors on these folds, reports that error instead of being fitted again. Its plain solver on the fit's sigmas (`Method.plain_tensors`;
-for OLSS's searched steps, sigmas chosen on the whole batch) is sampled on the whole batch. A fit that
-validates worse than its plain solver is stored as the plain solver. Built-in samplers are fitted on
-nothing, so their error on the calibration batch is already a validated one (`screen_builtins`: every
+their errors on these folds, reports that error instead of being fitted again. A method's plain solver on the
+fit's sigmas (`Method.plain_tensors`; for OLSS's searched steps, sigmas chosen on the whole batch) is sampled on
+the whole batch, once per run for methods with the same plain solver (OLSS and OLSS-P: DDIM; the Heun forms:
+Heun). A fit that validates worse than its plain solver is stored as the plain solver. Built-in samplers are
+fitted on nothing, so their error on the calibration batch is already a validated one (`screen_builtins`: every
 one-evaluation sampler on every scheduler, screened on a few noises first); `choose` picks the lowest of all
 within a budget of model evaluations.
 """
@@ -29,7 +30,8 @@ def validate(name, run, tensors, facts):
     "evaluations"}) for method `name` fitted as `tensors` (with diagnostics `facts`) on the whole of `run`;
     (tensors, None) where the batch has fewer than 2 noises. A fit that judged itself on the same folds
     (`facts["cross_validated"]`: OLSS, whose fit chooses among its forms by it) is not fitted again, and a plain
-    solver's error measured already (`facts["plain_rmse"]`) is not measured again.
+    solver's error measured already (`facts["plain_rmse"]`, or for another method on this run) is not measured
+    again.
     "evaluations": the model calls validation made, in calls on the whole batch."""
     method = METHODS[name]
     settings = run.plan.settings
@@ -39,8 +41,11 @@ def validate(name, run, tensors, facts):
     per_run = method.evaluations(run.request.steps, settings)
     plain = method.plain_tensors(tensors, settings, run.schedule)
     plain_rmse, calls = facts.get("plain_rmse"), 0.0
-    if plain_rmse is None:
-        plain_rmse, calls = rmse(run.sample_fit(method, plain), run.trajectory.final), per_run
+    if plain_rmse is None:          # (measured once per run for the methods that share a plain solver)
+        key = ("plain", type(method).__name__, method.plain_sampler(settings), tuple(tensors["sigmas"].tolist()))
+        if key not in run.memo:
+            run.memo[key], calls = rmse(run.sample_fit(method, plain), run.trajectory.final), per_run
+        plain_rmse = run.memo[key]
     validated = facts.get("cross_validated")
     if validated is None:
         held, teacher = [], []

@@ -71,13 +71,17 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert d["builtins_evaluations"] == pytest.approx((screened + 5 * SCREEN_KEEP) * 4 / 6)
     # OLSS: per candidate schedule the teacher fit of each half sampled on the other half (one run in all) and
     # the re-solve on each half (a run each), then the chosen re-solve on the batch; validation adds only its plain
-    # solver (OLSS judged itself on the same folds). IIA: its fit, its plain solver, and on each half a fit and a
-    # run on the other half
+    # solver (OLSS judged itself on the same folds). OLSS-P's one schedule is OLSS's uniform path, judged already:
+    # it runs at most its re-solve and plain solver where OLSS kept another. IIA: its fit, its plain solver (Heun for
+    # both Heun forms: run once), and on each half a fit and a run on the other half
     olss_fit = d["olss"]
     assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"])
     assert olss_fit["calls"] == olss_fit["evaluations"] + 4
+    assert d["olss_p"]["calls"] <= 2 * 4
+    assert d["olss_p"]["candidate_rmse"]["uniform path"] == olss_fit["candidate_rmse"]["uniform path"]
     assert d["iia_ddim"]["evaluations"] == 4 and d["iia_ddim"]["calls"] == 4 * 4
-    assert d["iia_heun"]["evaluations"] == 7 and d["iia_heun"]["calls"] == 4 * 7
+    assert d["biia_heun"]["calls"] == 4 * 7 and d["iia_heun"]["calls"] == 3 * 7
+    assert d["iia_heun"]["validation"]["plain_rmse"] == d["biia_heun"]["validation"]["plain_rmse"]
     # (a fit's run on the batch is made again for the report only where neither its fit nor validation made it:
     # an OLSS teacher fit kept as it is)
     again = [m for m in ALL if "rmse" not in d[m] and d[m]["validation"]["kept"] == "fit"]

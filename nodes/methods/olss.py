@@ -68,7 +68,8 @@ class OLSS(Method):
         fitted on one half of the batch, sampled on the other): the teacher fit, and the same re-solved on the
         student's own outputs (`olss.SequentialResolve`). The form and schedule that validate best are fitted on
         the whole batch and kept; diagnostics["cross_validated"] is their validated error (so `validate` does not
-        fit OLSS again). With one noise, the teacher fit that comes closest to the teacher is kept."""
+        fit OLSS again). With one noise, the teacher fit that comes closest to the teacher is kept. A schedule judged
+        (or re-solved) already on this run, by the other of OLSS and OLSS-P, is not run again (`run.memo`)."""
         gram, seconds = self.gram(run)
         start = time.perf_counter()
         final = run.trajectory.final.double()
@@ -96,32 +97,38 @@ class OLSS(Method):
                 if best is None or scores[label]["teacher fit"] < best[0]:
                     best = scores[label]["teacher fit"], label, measured, solver, False
                 continue
-            fitted = [self.teacher_fit(run, self.gram(run, rows)[0], path) for rows in halves]
-            held, resolved = [], []
-            for fit_rows, test_rows, prior in zip(halves, halves[::-1], fitted):
-                test = run.subset(test_rows, states=False)
-                held.append(sample(test, prior, [t[test_rows] for t in targets], resolve=False)[0])
-                resolved.append(sample(run, prior, targets, rows=fit_rows)[0][test_rows])
-            order = halves[1] + halves[0]
-            scores[label] = {"teacher fit, cross-validated": rmse(torch.cat(held), final[order]),
-                             "re-solved, cross-validated": rmse(torch.cat(resolved), final[order])}
+            key = (path is None, tuple(c.sigmas.tolist()))      # (OLSS-P's one candidate is OLSS's uniform path)
+            if ("olss.cross_validated", key) not in run.memo:
+                fitted = [self.teacher_fit(run, self.gram(run, rows)[0], path) for rows in halves]
+                held, resolved = [], []
+                for fit_rows, test_rows, prior in zip(halves, halves[::-1], fitted):
+                    test = run.subset(test_rows, states=False)
+                    held.append(sample(test, prior, [t[test_rows] for t in targets], resolve=False)[0])
+                    resolved.append(sample(run, prior, targets, rows=fit_rows)[0][test_rows])
+                order = halves[1] + halves[0]
+                run.memo["olss.cross_validated", key] = {
+                    "teacher fit, cross-validated": rmse(torch.cat(held), final[order]),
+                    "re-solved, cross-validated": rmse(torch.cat(resolved), final[order])}
+            scores[label] = run.memo["olss.cross_validated", key]
             for form, error in scores[label].items():
                 if best is None or error < best[0]:
-                    best = error, label, c, targets, form.startswith("re-solved")
+                    best = error, label, c, targets, form.startswith("re-solved"), key
         if halves:
-            validated, label, c, targets, resolved = best
+            validated, label, c, targets, resolved, key = best
             in_sample = {}
             if resolved:            # (re-solved on the whole batch: the run of the coefficients it writes back)
-                x, c, solver = sample(run, c, targets)
+                if ("olss.re-solved", key) not in run.memo:
+                    run.memo["olss.re-solved", key] = sample(run, c, targets)
+                x, c, solver = run.memo["olss.re-solved", key]
                 in_sample = {"rmse": rmse(x, final)}
             step_error = solver.errors if resolved else c.errors.tolist()
             facts = {**in_sample, "cross_validated": validated}
         else:
             in_sample, label, c, solver, resolved = best
             step_error, facts = solver.errors, {"rmse": in_sample}
+        weights = {key: getattr(c, key).double().clone() for key in ("weights_x", "weights_d", "errors")}
         tensors = finite(self.name, {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
-                                     "weights_x": c.weights_x.double(), "weights_d": c.weights_d.double(),
-                                     "errors": c.errors.double()})
+                                     **weights})
         return tensors, {**facts, "step_error": step_error, "schedule": label, "resolved": resolved,
                          "candidate_rmse": scores, "evaluations": evaluations,
                          "fit_seconds": time.perf_counter() - start + seconds}
