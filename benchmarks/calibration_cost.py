@@ -20,6 +20,7 @@ import common
 import torch
 
 from calibrated_samplers.nodes.calibrate import fit
+from calibrated_samplers.nodes.methods import AUTO
 from calibrated_samplers.nodes.validation import choose
 
 MODELS = ["digits_eps", "digits_flow", "sharp_sd15", "sharp_flux"]
@@ -62,8 +63,8 @@ def measure(case, nfe, teacher_steps):
             "calls": calls, "teacher_calls": teacher["evaluations"], "builtin_calls": d["builtins_evaluations"],
             "other_calls": calls - teacher["evaluations"] - d["builtins_evaluations"], "seconds": seconds,
             "method_calls": {m: d[m]["calls"] for m in calibration.fits}, "report_calls": d["report_calls"],
-            # what KSampler (Calibrated)'s auto would not fit: the methods spending more than nfe evaluations
-            "beyond_steps": [m for m in calibration.fits if calibration.evaluations[m] > nfe],
+            # what KSampler (Calibrated)'s auto does not fit: not in AUTO, or more than nfe evaluations
+            "not_in_auto": [m for m in calibration.fits if m not in AUTO or calibration.evaluations[m] > nfe],
             "auto": choice, "held_out": errors}
 
 
@@ -84,13 +85,13 @@ def markdown(results):
                          f"{m['calls']:.0f} | {m['seconds']:.0f} | {m['auto']} | {m['held_out']['auto']:.4f} |")
     fitted = sorted({m for r in results for m in r["auto"]["method_calls"]})
     lines += ["", "Model calls per method with teacher_steps auto (its fits and validation, every scheduler tried), "
-              "the report's, and the total of KSampler (Calibrated)'s auto, which fits only the methods spending at "
-              "most NFE evaluations (not the Heun forms)", "",
+              "the report's, and the total of KSampler (Calibrated)'s auto, which fits only the methods of AUTO "
+              "spending at most NFE evaluations (not TimeTuner, not the Heun forms)", "",
               "| model | NFE | " + " | ".join(fitted) + " | report | KSampler auto |",
               "|---|---|" + "---|" * (len(fitted) + 2)]
     for r in results:
         m = r["auto"]
-        ksampler = m["calls"] - sum(m["method_calls"][f] for f in m["beyond_steps"])
+        ksampler = m["calls"] - sum(m["method_calls"][f] for f in m["not_in_auto"])
         lines.append(f"| {r['model']} | {r['nfe']} | " + " | ".join(f"{m['method_calls'][f]:.0f}" for f in fitted)
                      + f" | {m['report_calls']:.0f} | {ksampler:.0f} |")
     methods = sorted({m for r in results for m in r["fixed"]["held_out"]})

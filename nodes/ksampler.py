@@ -16,7 +16,7 @@ from .calibrate import calibrate, check_denoise, checked_sampler, chosen_sampler
 from .calibration import (CALIBRATION_BATCH_TOOLTIP, SCHEDULER_TOOLTIP, TEACHER_STEPS_TOOLTIP, follows_tooltip,
                           latent_samples, method_tooltip)
 from .fingerprint import model_fingerprint
-from .methods import METHODS
+from .methods import AUTO as AUTO_METHODS, METHODS
 from .request import AUTO_SCHEDULER, SCHEDULERS, Request, check_number
 
 
@@ -60,8 +60,8 @@ class CalibratedKSampler(io.ComfyNode):
                 io.Combo.Input("method", options=[AUTO, *METHODS], default=AUTO,
                                tooltip=method_tooltip("auto: whichever validated best on calibration noises it was "
                                                       "not fitted on, a built-in sampler included, within these "
-                                                      "steps' model evaluations (calibrates every method that "
-                                                      "samples within them). ")),
+                                                      "steps' model evaluations (it calibrates those of "
+                                                      f"{', '.join(AUTO_METHODS)} that sample within them). ")),
                 io.Int.Input("teacher_steps", default=0, min=0, max=4000,
                              tooltip=TEACHER_STEPS_TOOLTIP + " Ignored when reusing a calibration."),
                 io.Int.Input("calibration_batch", default=8, min=1, max=256,

@@ -17,7 +17,7 @@ from ..optimizers.calibration import calibration_key, check_schedule
 from ..optimizers.coordinates import NoiseSchedule
 from .builtins import ksampler_sigmas, partial_pass
 from .fingerprint import model_fingerprint
-from .methods import ALL, METHODS, NotApplicable
+from .methods import ALL, AUTO, METHODS, NotApplicable
 
 TEACHER_SOLVER = "dpmpp_3m_lambda"
 AUTO_SCHEDULER = "auto"         # scheduler auto: each method that keeps a schedule tries the best built-in ones
@@ -43,7 +43,7 @@ class Request:
 
     @classmethod
     def from_inputs(cls, method, sigmas=None, **inputs):
-        """From a node's inputs; `method` is one name of METHODS, "all", or "auto" (those of `all` that sample
+        """From a node's inputs; `method` is one name of METHODS, "all", or "auto" (those of AUTO that sample
         within `steps` model evaluations: what KSampler (Calibrated)'s auto can choose); inputs that are not
         fields of the request are the methods' own options."""
         if method not in ("all", "auto") and method not in METHODS:
@@ -54,7 +54,7 @@ class Request:
         methods = (method,) if method in METHODS else tuple(ALL)
         if method == "auto":
             steps, settings = inputs.get("steps"), {"sampler_name": inputs.get("sampler_name", "euler")}
-            methods = tuple(m for m in ALL if METHODS[m].evaluations(steps, settings) <= steps)
+            methods = tuple(m for m in AUTO if METHODS[m].evaluations(steps, settings) <= steps)
         return cls(methods=methods, sigmas=given, options=options, **{k: v for k, v in inputs.items() if k in names})
 
     @property

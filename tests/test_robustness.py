@@ -316,8 +316,8 @@ def test_validation_folds_see_the_conditioning_the_teacher_saw():
 
 
 def test_all_leaves_out_a_method_that_does_not_apply(model):
-    """A scheduler that starts below sigma_max leaves TimeTuner out of `all` (and so of KSampler (Calibrated)'s
-    `auto`); asked for alone, TimeTuner is refused by name."""
+    """A scheduler that starts below sigma_max leaves TimeTuner out of `all`; asked for alone, TimeTuner is refused
+    by name."""
     calibration = calibrate(model, method="all", scheduler="ddim_uniform", steps=3)
     assert "timetuner" not in calibration.methods and "olss" in calibration.methods
     with pytest.raises(ValueError, match="below the model's"):

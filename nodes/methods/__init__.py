@@ -7,7 +7,8 @@ model evaluations per sample, which KSampler inputs a calibration of it must mat
 same sigmas (what a fit that validates worse is stored as, `nodes/validation.py`), its stored tensors' shapes,
 and what it reports (`fit`'s diagnostics: "evaluations" the fit made, "step_error", "plain_step_error"
 where the method corrects a plain solver, "rmse" where its fitting run was its own sample on the batch, and
-"cross_validated" where the fit judged itself on the `folds` that validation uses). Adding a method is one module and one line in `METHODS` below.
+"cross_validated" where the fit judged itself on the `folds` that validation uses). Adding a method is one
+module and one line in `METHODS` below.
 """
 import torch
 
@@ -25,7 +26,8 @@ class Method:
     follows = ()                    # KSampler inputs a calibration of this method must match ("scheduler", ...)
     node = ("", "", "")             # (node id, display name, description) of its sampler node; methods that share
     default_variant = False         # a node are its variants, this one the default
-    in_all = True                   # fitted by method `all` (and so by KSampler (Calibrated)'s `auto`)
+    in_all = True                   # fitted by method `all`
+    in_auto = True                  # and by KSampler (Calibrated)'s `auto` (where within its evaluations)
 
     def needs_teacher(self, request) -> bool:
         return True
@@ -128,3 +130,4 @@ METHODS = {m.name: m for m in [
     time_steps.TimeSteps(),
 ]}
 ALL = [name for name, method in METHODS.items() if method.in_all]      # what method `all` fits
+AUTO = [name for name in ALL if METHODS[name].in_auto]                  # what `auto` may fit

@@ -33,6 +33,9 @@ class TimeTuner(Method):
     name = "timetuner"
     summary = "TimeTuner: the chosen sampler with a tuned time input per step (the scheduler's sigmas)"
     follows = ("scheduler", "sampler_name")
+    # not fitted by `auto`: it never validated best there in the benchmarks (42 calibrations on the digits and
+    # closed-form models, NFE 4-10), and its fit was a quarter of auto's model calls
+    in_auto = False
     node = ("TimeTunerSampler", "TimeTuner Sampler",
             "TimeTuner (Xia et al., CVPR 2024): the sampler the calibration was tuned with, feeding the network a "
             "tuned time input per step. Use with the calibration's sigmas (Calibration Sigmas, method timetuner).")
