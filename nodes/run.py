@@ -165,8 +165,8 @@ class CalibrationRun:
         (by 1.5x to 2x a time, to a multiple of the student's steps, up to AUTO_MAX_STEPS; `check_memory(steps)` is
         called before a longer run). It stops early where a longer run no longer lowers the estimate by 1.5x
         ("floor": the model's outputs are not smooth enough in sigma for more steps to help; a trained network's
-        rounding, say). Returns {"steps", "estimate",
-        "target", "floor", "evaluations"} (the teacher's batched model calls, every run counted)."""
+        rounding, say). Returns {"steps", "estimate", "target", "floor", "evaluations"} (the teacher's batched
+        model calls, every run counted)."""
         steps = len(self.trajectory.sigmas) - 1
         shorter = math.ceil(2 * steps / 3)       # (half the steps can be too few for a stable third-order run)
         coarse = self.sample(sample_teacher, teacher_sigmas(self.schedule, shorter, top=self.plan.start),

@@ -19,6 +19,7 @@ Pure torch, numpy and scipy; never imports comfy.
 from __future__ import annotations
 
 import torch
+
 from .teacher import rmse
 
 
@@ -259,8 +260,8 @@ def parabola_search(error, bounds, delta, probes, xatol) -> float:
     """The r in `bounds` with the lowest error(r) among 1 (tried first) and `probes` more trials: 1 - delta and
     1 + delta, then the vertices of the parabola in error(r)^2 (a quadratic where the step's state is about linear
     in the model output, so in r) through the three best points so far (a step of 2 delta downhill where it
-    opens downward); it stops early when a vertex is within xatol of a point tried. A bounded Brent search
-    needed about 11 trials per step for the same ratios (to about 1e-3)."""
+    opens downward); it stops early when a vertex is within xatol of a point tried. (The bounded Brent search it
+    replaced took about 11 trials per step; final errors on the calibration batch stayed within a few percent.)"""
     lo, hi = bounds
     tried = {1.0: error(1.0)}
     candidates = [1.0 - delta, 1.0 + delta]

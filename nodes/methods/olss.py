@@ -121,7 +121,8 @@ class OLSS(Method):
                     run.memo["olss.re-solved", key] = sample(run, c, targets)
                 x, c, solver = run.memo["olss.re-solved", key]
                 in_sample = {"rmse": rmse(x, final)}
-            step_error = solver.errors if resolved else c.errors.tolist()
+            # (a teacher fit's per-step errors are its least-squares residuals; DDIM on the scheduler's sigmas has none)
+            step_error = solver.errors if resolved else c.errors.tolist() if c.errors.any() else []
             facts = {**in_sample, "cross_validated": validated}
         else:
             in_sample, label, c, solver, resolved = best
