@@ -27,15 +27,7 @@ AUTO_MAX_STEPS = 1000           # the longest teacher that teacher_steps auto ta
 
 def auto_start(steps) -> int:
     """The first teacher length teacher_steps auto tries for a `steps`-step student."""
-    return whole_steps(max(48, 8 * steps), steps)
-
-
-def whole_steps(length, steps, most=None) -> int:
-    """A teacher length of at least `length` (at most `most`, if given) that is a multiple of the student's `steps`:
-    OLSS-P's uniform path takes every length/steps-th teacher step, so its sigmas are then exactly uniform in lambda,
-    whatever length teacher_steps auto settles on."""
-    length = steps * math.ceil(length / steps)
-    return length if most is None or length <= most else max(steps, steps * (most // steps))
+    return max(48, 8 * steps)
 
 
 @dataclass
@@ -162,11 +154,10 @@ class CalibrationRun:
     def settle_teacher(self, target, check_memory=None) -> dict:
         """For teacher_steps auto: estimate the teacher's own error (`error_estimate`, from a run of 2/3 of its
         steps, or from the shorter teacher it replaces) and lengthen it until the estimate is at most `target`
-        (by 1.5x to 2x a time, to a multiple of the student's steps, up to AUTO_MAX_STEPS; `check_memory(steps)` is
-        called before a longer run). It stops early where a longer run no longer lowers the estimate by 1.5x
-        ("floor": the model's outputs are not smooth enough in sigma for more steps to help; a trained network's
-        rounding, say). Returns {"steps", "estimate", "target", "floor", "evaluations"} (the teacher's batched
-        model calls, every run counted)."""
+        (by 1.5x to 2x a time, up to AUTO_MAX_STEPS; `check_memory(steps)` is called before a longer run). It stops
+        early where a longer run no longer lowers the estimate by 1.5x ("floor": the model's outputs are not smooth
+        enough in sigma for more steps to help; a trained network's rounding, say). Returns {"steps", "estimate",
+        "target", "floor", "evaluations"} (the teacher's batched model calls, every run counted)."""
         steps = len(self.trajectory.sigmas) - 1
         shorter = math.ceil(2 * steps / 3)       # (half the steps can be too few for a stable third-order run)
         coarse = self.sample(sample_teacher, teacher_sigmas(self.schedule, shorter, top=self.plan.start),
@@ -174,10 +165,9 @@ class CalibrationRun:
         self.teacher_evaluations += shorter
         estimate = error_estimate(self.trajectory.final, coarse, steps, shorter)
         floor = False
-        longest = whole_steps(AUTO_MAX_STEPS, self.request.steps, AUTO_MAX_STEPS)
-        while estimate > target and steps < longest and not floor:
+        while estimate > target and steps < AUTO_MAX_STEPS and not floor:
             wanted = math.ceil(1.2 * steps_for(target, estimate, steps))      # between 1.5x and 2x this run
-            longer = whole_steps(max(steps * 3 // 2, min(2 * steps, wanted)), self.request.steps, AUTO_MAX_STEPS)
+            longer = min(AUTO_MAX_STEPS, max(steps * 3 // 2, min(2 * steps, wanted)))
             if check_memory is not None:
                 check_memory(longer)
             previous = self.trajectory.final

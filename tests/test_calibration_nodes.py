@@ -372,7 +372,6 @@ def test_teacher_steps_auto_takes_the_teacher_its_students_need(model, monkeypat
         best = min(entry["rmse"] for label, entry in calibration.diagnostics["validated"].items() if "sampler" in entry)
         assert teacher["target"] == pytest.approx(best / margin, rel=0.2)
         assert teacher["estimate"] <= teacher["target"] and teacher["steps"] >= auto_start(4)
-        assert teacher["steps"] % 4 == 0            # (OLSS-P's uniform path: every steps/4-th teacher step)
         assert teacher["evaluations"] >= teacher["steps"] + auto_start(4) * 2 // 3
         error = float((teacher_latent["samples"] - long["samples"]).pow(2).mean().sqrt())
         assert error <= teacher["estimate"] * 1.5, (error, teacher)
@@ -383,15 +382,13 @@ def test_teacher_steps_auto_takes_the_teacher_its_students_need(model, monkeypat
 
 def test_teacher_steps_auto_takes_a_longer_teacher_for_a_harder_model():
     """Guidance makes the ODE harder: on the closed-form model, the teacher that teacher_steps auto settles on at cfg
-    10 is longer than at cfg 1 (48 -> 72 steps at batch 8 for 6 steps, always a multiple of them), each meeting its
-    own target."""
+    10 is longer than at cfg 1 (48 -> 72 steps at batch 8), each meeting its own target."""
     model = gmm.build_model("eps")
     teachers = {}
     for cfg in (1.0, 10.0):
-        calibration = _calibrate(model, steps=6, teacher_steps=0, batch=8, method="iia_ddim", cfg=cfg)[0]
+        calibration = _calibrate(model, steps=5, teacher_steps=0, batch=8, method="iia_ddim", cfg=cfg)[0]
         teachers[cfg] = calibration.diagnostics["teacher"]
         assert teachers[cfg]["estimate"] <= teachers[cfg]["target"] and not teachers[cfg]["floor"]
-        assert teachers[cfg]["steps"] % 6 == 0
     assert teachers[1.0]["steps"] < teachers[10.0]["steps"], teachers
 
 
