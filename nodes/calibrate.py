@@ -49,6 +49,11 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False, 
         run.starts = run.starting_pictures(latent)
     calibration = fit(run, tuple(latent.shape[1:]),
                       lambda steps: memory.check(model, request, tuple(latent.shape[1:]), teacher_steps=steps))
+    d = calibration.diagnostics
+    parts = {"teacher": (d.get("teacher") or {}).get("evaluations", 0), "built-ins": d.get("builtins_evaluations", 0),
+             **{m: d[m]["calls"] for m in calibration.fits}, "report": d.get("report_calls", 0)}
+    logging.info("Calibrated Samplers: the calibration made %.0f model calls on its batch of %d (%s)", d["calls"],
+                 request.calibration_batch, ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))
     try:
         store.save(calibration, label)
     except OSError as e:            # checked before the run, yet failed: the fitted calibration is still used
