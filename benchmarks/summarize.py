@@ -105,12 +105,14 @@ def validation(entries):
 def auto_against_knowable(records, entries):
     """`auto` per model and NFE (ratio of held-out RMSE) against two built-ins: the best on the held-out noises
     themselves (chosen by looking at the test set: what no calibration can know), and the one that did best on
-    the calibration noises (what the same calibration knows; `auto` could always have sampled it)."""
+    the calibration noises (what the same calibration knows; `auto` could always have sampled it). Last, the best
+    of auto's own candidates on the held-out noises against that oracle: what a perfect choice would reach."""
     best = best_by(records, family)
     out = ["`auto` against the best built-in on the held-out noises (an oracle) and against the built-in that did "
-           "best on the calibration noises, ratio of held-out RMSE", "",
+           "best on the calibration noises, ratio of held-out RMSE; last, the best of auto's candidates on the "
+           "held-out noises (a perfect choice) against the oracle", "",
            "| model | NFE | auto's choice | auto | oracle built-in | vs oracle | calibration's best built-in | "
-           "vs it |", "|---|---|---|---|---|---|---|---|"]
+           "vs it | best candidate | vs oracle |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, n), found in sorted(best.items()):
         if "auto" not in found:
             continue
@@ -120,9 +122,12 @@ def auto_against_knowable(records, entries):
         if not known:
             continue
         knowable = min(known, key=lambda v: v["validated"])
+        perfect = min((v for v in entries if v["model"] == model and v["nfe"] == n and v["evaluations"] <= n),
+                      key=lambda v: v["held_out"])
         out.append(f"| {model} | {n} | {ours['sampler'][5:-1]} | {ours['rmse']:.4f} | {oracle['rmse']:.4f} "
                    f"{oracle['sampler']}/{oracle['scheduler']} | {ours['rmse'] / oracle['rmse']:.2f}x | "
-                   f"{knowable['held_out']:.4f} {knowable['label']} | {ours['rmse'] / knowable['held_out']:.2f}x |")
+                   f"{knowable['held_out']:.4f} {knowable['label']} | {ours['rmse'] / knowable['held_out']:.2f}x | "
+                   f"{perfect['held_out']:.4f} {perfect['label']} | {perfect['held_out'] / oracle['rmse']:.2f}x |")
     return "\n".join(out)
 
 
