@@ -114,6 +114,9 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
             fitted.append((attempt, *method.fit(attempt)))
         attempt, tensors, facts = fitted[0]
         if len(fitted) > 1:         # the closest to the teacher on the batch: the fit's own run, or its plain solver's
+            for attempt, tensors, facts in fitted:      # (a fit to another target than the teacher is run once)
+                if "rmse" not in facts:
+                    facts["rmse"] = rmse(attempt.sample_fit(method, tensors), attempt.trajectory.final)
             tried = {attempt.scheduler_name: min(facts["rmse"], facts.get("plain_rmse", math.inf))
                      for attempt, tensors, facts in fitted}
             attempt, tensors, facts = min(fitted, key=lambda f: tried[f[0].scheduler_name])

@@ -127,6 +127,18 @@ def test_iia_fitted_to_substeps_runs_no_teacher(model):
     torch.testing.assert_close(sigmas, comfy.samplers.calculate_sigmas(ms, "karras", 4).float())
 
 
+def test_iia_fitted_to_substeps_beside_a_teacher_tries_schedulers_and_validates(model):
+    """With method all and scheduler auto, IIA fitted to its sub-steps (not to the teacher) is still judged against
+    the teacher the other methods made: each scheduler try's sample on the batch, then validation of the one kept."""
+    calibration = _calibrate(model, method="all", scheduler="auto", iia_target="substeps", teacher_steps=60)[0]
+    facts = calibration.diagnostics["iia_ddim"]
+    assert facts["target"] == "substeps" and len(facts["schedulers_tried"]) == 2
+    assert facts["scheduler"] == min(facts["schedulers_tried"], key=facts["schedulers_tried"].get)
+    assert facts["validation"]["kept_rmse"] <= facts["validation"]["plain_rmse"]
+    assert calibration.diagnostics["calibration_batch"]["iia_ddim"]["rmse"] == facts["rmse"] \
+        or facts["validation"]["kept"] == "plain"
+
+
 def test_olss_beats_the_builtin_at_the_same_nfe_on_held_out_noise(model):
     calibration = _calibrate(model, steps=5, teacher_steps=200, batch=8)[0]
     teacher = _sample(model, comfy.samplers.sampler_object("dpmpp_2m"),
