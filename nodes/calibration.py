@@ -19,7 +19,7 @@ TEACHER_STEPS_TOOLTIP = ("Steps of the accurate teacher run (third order) that t
 
 SCHEDULER_TOOLTIP = ("Student sigmas. auto: every scheduler is tried with the built-in samplers on calibration "
                      "noises, and each method that keeps a schedule is fitted on the two where its plain sampler "
-                     "did best and keeps the one that validates best (in KSampler (Calibrated), auto takes the "
+                     "did best and keeps the one closer to the teacher (in KSampler (Calibrated), auto takes the "
                      "calibration's choice). At denoise below 1, auto starts where KSampler's simple scheduler "
                      "starts for that denoise and compares only schedules from there. Sigmas")
 

@@ -404,7 +404,7 @@ def test_teacher_steps_auto_takes_a_longer_teacher_for_a_harder_model():
     assert teachers[1.0]["steps"] < teachers[10.0]["steps"], teachers
 
 
-def test_scheduler_auto_keeps_the_schedule_that_validates_best(model):
+def test_scheduler_auto_keeps_the_schedule_closest_to_the_teacher(model):
     """scheduler auto: IIA and TimeTuner are each fitted on the SCHEDULER_TRIES schedulers where their plain
     sampler did best on the screening noise, and keep the one whose fit or plain solver came closest to the teacher
     on the calibration batch, which is then validated: its sigmas are stored, and KSampler (Calibrated) with
