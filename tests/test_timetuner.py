@@ -1,5 +1,7 @@
 """TimeTuner (Xia et al. 2024): time-input ratios per step, their hook into the diffusion model and the
 derivative-free fit, on the closed-form mixture models (and the trained digits UNet) in real ComfyUI."""
+import math
+
 import pytest
 import torch
 
@@ -176,6 +178,21 @@ def test_sequential_tuning_lowers_every_step_error(calibration, name):
     again = _run(model, _timetuner(name, tt.TimeRatios(sigmas, ratios)), sigmas, noise)
     assert torch.equal(again, final)
     assert result["evaluations"] < 30 * STEPS
+
+
+@pytest.mark.parametrize("best", [0.62, 0.8, 0.97, 1.0, 1.12, 1.25, 1.4])
+def test_parabola_search_finds_the_minimum_of_a_quadratic_in_few_trials(best):
+    """Where the squared error is quadratic in the ratio (a state linear in it), the search lands on its minimum
+    (or the nearer bound) after 1, 1 - delta, 1 + delta and one vertex: 4 trials, 5 at most."""
+    trials = []
+
+    def error(r):
+        trials.append(r)
+        return math.sqrt((r - best) ** 2 + 1e-4)
+
+    found = tt.parabola_search(error, (0.7, 1.3), delta=0.05, probes=4, xatol=2e-3)
+    assert found == pytest.approx(min(1.3, max(0.7, best)), abs=2e-3)
+    assert len(trials) <= 5 and trials[0] == 1.0
 
 
 def test_memo_skips_earlier_steps_and_counts_honestly(calibration):
