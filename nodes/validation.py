@@ -38,28 +38,26 @@ def validate(name, run, tensors, facts):
     halves = folds(run.batch)
     if not halves:
         return tensors, None
-    per_run = method.evaluations(run.request.steps, settings)
     plain = method.plain_tensors(tensors, settings, run.schedule)
-    plain_rmse, calls = facts.get("plain_rmse"), 0.0
+    plain_rmse, calls = facts.get("plain_rmse"), run.calls[0]
     if plain_rmse is None:          # (measured once per run for the methods that share a plain solver)
         key = ("plain", type(method).__name__, method.plain_sampler(settings), tuple(tensors["sigmas"].tolist()))
         if key not in run.memo:
-            run.memo[key], calls = rmse(run.sample_fit(method, plain), run.trajectory.final), per_run
+            run.memo[key] = rmse(run.sample_fit(method, plain), run.trajectory.final)
         plain_rmse = run.memo[key]
     validated = facts.get("cross_validated")
     if validated is None:
         held, teacher = [], []
         for fit_rows, test_rows in zip(halves, halves[::-1]):
-            part = run.subset(fit_rows)
-            fitted, diagnostics = method.fit(part)
+            fitted, _ = method.fit(run.subset(fit_rows))
             test = run.subset(test_rows, states=False)
             held.append(test.sample_fit(method, fitted))
             teacher.append(test.trajectory.final)
-            calls += (diagnostics["evaluations"] + per_run) * len(fit_rows) / run.batch
         validated = rmse(torch.cat(held), torch.cat(teacher))
     kept = "fit" if validated <= plain_rmse else "plain"
     return (tensors if kept == "fit" else plain), {"rmse": validated, "plain_rmse": plain_rmse, "kept": kept,
-                                                   "kept_rmse": min(validated, plain_rmse), "evaluations": calls}
+                                                   "kept_rmse": min(validated, plain_rmse),
+                                                   "evaluations": run.calls[0] - calls}
 
 
 def choose(candidates, evaluations):

@@ -75,13 +75,11 @@ class OLSS(Method):
         final = run.trajectory.final.double()
         norm = float(gram.target_sq[-1].sqrt()) or 1.0
         halves = folds(run.batch)
-        scores, evaluations, best = {}, 0, None
+        scores, best, calls = {}, None, run.calls[0]
 
         def sample(part, c, targets, rows=None, resolve=True):
             """(final x, the coefficients it wrote, SequentialResolve) of c sampled on `part` of the run, re-solving
             on `rows` of it (None: all) or, without `resolve`, keeping c."""
-            nonlocal evaluations
-            evaluations += c.steps * part.batch / run.batch
             ours = c.copy()
             scales = [run.schedule.native_scale(float(s)) / norm for s in c.sigmas[1:]]
             solver = olss.SequentialResolve(targets, scales, rows=rows, keep_prior=not resolve)
@@ -131,7 +129,7 @@ class OLSS(Method):
         tensors = finite(self.name, {"path": torch.tensor(c.path, dtype=torch.int64), "sigmas": c.sigmas.float(),
                                      **weights})
         return tensors, {**facts, "step_error": step_error, "schedule": label, "resolved": resolved,
-                         "candidate_rmse": scores, "evaluations": evaluations,
+                         "candidate_rmse": scores, "evaluations": run.calls[0] - calls,
                          "fit_seconds": time.perf_counter() - start + seconds}
 
     def plain_tensors(self, tensors, settings, schedule):
