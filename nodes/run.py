@@ -20,6 +20,7 @@ import latent_preview
 
 from ..optimizers.teacher import Trajectory, error_estimate, sample_teacher, steps_for, teacher_sigmas
 from .builtins import ksampler_sigmas
+from .methods import folds
 from .request import Plan
 
 AUTO_MAX_STEPS = 1000           # the longest teacher that teacher_steps auto takes
@@ -39,7 +40,7 @@ class CalibrationRun:
     latent: torch.Tensor            # one sample's latent [1, C, H, W]; for a partial pass (denoise below 1) the
                                     # calibration batch's starting pictures [B, C, H, W] (`starting_pictures`)
     teacher_seconds: float = 0.0
-    teacher_evaluations: int = 0    # batched model calls of every teacher run
+    teacher_evaluations: float = 0  # model calls of every teacher run, in calls on the whole calibration batch
     memo: dict = field(default_factory=dict, repr=False)    # what methods compute once per run and share
     rows: tuple | None = None       # a part of the calibration batch (a validation fold), or None: all of it
     scheduler: str | None = None    # the scheduler a method samples on here, for scheduler auto (`with_scheduler`)
@@ -153,17 +154,20 @@ class CalibrationRun:
 
     def settle_teacher(self, target, check_memory=None) -> dict:
         """For teacher_steps auto: estimate the teacher's own error (`error_estimate`, from a run of 2/3 of its
-        steps, or from the shorter teacher it replaces) and lengthen it until the estimate is at most `target`
+        steps on half the calibration noises (`folds`' first; all of a batch of one), or from the shorter teacher
+        it replaces, on all of them) and lengthen it until the estimate is at most `target`
         (by 1.5x to 2x a time, up to AUTO_MAX_STEPS; `check_memory(steps)` is called before a longer run). It stops
         early where a longer run no longer lowers the estimate by 1.5x ("floor": the model's outputs are not smooth
         enough in sigma for more steps to help; a trained network's rounding, say). Returns {"steps", "estimate",
         "target", "floor", "evaluations"} (the teacher's batched model calls, every run counted)."""
         steps = len(self.trajectory.sigmas) - 1
         shorter = math.ceil(2 * steps / 3)       # (half the steps can be too few for a stable third-order run)
-        coarse = self.sample(sample_teacher, teacher_sigmas(self.schedule, shorter, top=self.plan.start),
+        rows = (folds(self.batch) or [list(range(self.batch))])[0]
+        part = self.subset(rows, states=False)
+        coarse = part.sample(sample_teacher, teacher_sigmas(self.schedule, shorter, top=self.plan.start),
                              schedule=self.schedule).cpu()
-        self.teacher_evaluations += shorter
-        estimate = error_estimate(self.trajectory.final, coarse, steps, shorter)
+        self.teacher_evaluations += shorter * len(rows) / self.batch
+        estimate = error_estimate(part.trajectory.final, coarse, steps, shorter)
         floor = False
         while estimate > target and steps < AUTO_MAX_STEPS and not floor:
             wanted = math.ceil(1.2 * steps_for(target, estimate, steps))      # between 1.5x and 2x this run
@@ -177,6 +181,21 @@ class CalibrationRun:
             floor, steps = estimate > last / 1.5, longer
         return {"steps": steps, "estimate": estimate, "target": target, "floor": floor,
                 "evaluations": self.teacher_evaluations}
+
+    def plain_error(self, sampler, sigmas, measure) -> float:
+        """The RMSE against the teacher, on the whole calibration batch, of the plain solver `sampler` on `sigmas`,
+        made once per run: a method's plain solver is its built-in's arithmetic (IIA-DDIM's and OLSS's DDIM is
+        ComfyUI's ddim, which is its euler), so the methods on the same sigmas share one run, and none is made where
+        the built-in screen ran that sampler on these sigmas over the whole batch. `measure()` makes the run."""
+        sampler = "euler" if sampler == "ddim" else sampler
+        sigmas = tuple(torch.as_tensor(sigmas).float().tolist())
+        key = ("plain", sampler, sigmas)
+        if key not in self.memo:
+            screened = self.builtin_screen.candidates if self.builtin_screen is not None else {}
+            found = [entry["rmse"] for entry in screened.values()
+                     if entry["sampler"] == sampler and tuple(torch.tensor(entry["sigmas"]).float().tolist()) == sigmas]
+            self.memo[key] = found[0] if found else measure()
+        return self.memo[key]
 
     def starting_pictures(self, latent) -> dict:
         """For a partial pass (denoise below 1): the pictures its calibration noises start from, kept as this run's

@@ -5,11 +5,12 @@ exactly as on the whole batch (its own choices included) and sampled on the othe
 validated error is the RMSE over both held-out halves. OLSS, whose fit already chooses its schedule and form by
 their errors on these folds, reports that error instead of being fitted again. A method's plain solver on the
 fit's sigmas (`Method.plain_tensors`; for OLSS's searched steps, sigmas chosen on the whole batch) is sampled on
-the whole batch, once per run for methods with the same plain solver (OLSS and OLSS-P: DDIM; the Heun forms:
-Heun). A fit that validates worse than its plain solver is stored as the plain solver. Built-in samplers are
-fitted on nothing, so their error on the calibration batch is already a validated one (`screen_builtins`: every
-one-evaluation sampler on every scheduler, screened on a few noises first); `choose` picks the lowest of all
-within a budget of model evaluations.
+the whole batch, once per run for the methods with the same plain solver on the same sigmas
+(`CalibrationRun.plain_error`: OLSS, OLSS-P and IIA-DDIM: DDIM, which the built-in screen may have run already as
+euler; the Heun forms: Heun). A fit that validates worse than its plain solver is stored as the plain solver.
+Built-in samplers are fitted on nothing, so their error on the calibration batch is already a validated one
+(`screen_builtins`: every one-evaluation sampler on every scheduler, screened on a few noises first); `choose` picks
+the lowest of all within a budget of model evaluations.
 """
 from dataclasses import dataclass
 
@@ -40,11 +41,9 @@ def validate(name, run, tensors, facts):
         return tensors, None
     plain = method.plain_tensors(tensors, settings, run.schedule)
     plain_rmse, calls = facts.get("plain_rmse"), run.calls[0]
-    if plain_rmse is None:          # (measured once per run for the methods that share a plain solver)
-        key = ("plain", type(method).__name__, method.plain_sampler(settings), tuple(tensors["sigmas"].tolist()))
-        if key not in run.memo:
-            run.memo[key] = rmse(run.sample_fit(method, plain), run.trajectory.final)
-        plain_rmse = run.memo[key]
+    if plain_rmse is None:
+        plain_rmse = run.plain_error(method.plain_sampler(settings) or type(method).__name__, tensors["sigmas"],
+                                     lambda: rmse(run.sample_fit(method, plain), run.trajectory.final))
     validated = facts.get("cross_validated")
     if validated is None:
         held, teacher = [], []

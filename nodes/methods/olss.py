@@ -101,12 +101,16 @@ class OLSS(Method):
                 held, resolved = [], []
                 for fit_rows, test_rows, prior in zip(halves, halves[::-1], fitted):
                     test = run.subset(test_rows, states=False)
-                    held.append(sample(test, prior, [t[test_rows] for t in targets], resolve=False)[0])
+                    if path is not None:
+                        held.append(sample(test, prior, [t[test_rows] for t in targets], resolve=False)[0])
                     resolved.append(sample(run, prior, targets, rows=fit_rows)[0][test_rows])
                 order = halves[1] + halves[0]
-                run.memo["olss.cross_validated", key] = {
-                    "teacher fit, cross-validated": rmse(torch.cat(held), final[order]),
-                    "re-solved, cross-validated": rmse(torch.cat(resolved), final[order])}
+                # (DDIM on the scheduler's sigmas is fitted on nothing: its error on the batch, shared with validation)
+                teacher = rmse(torch.cat(held), final[order]) if path is not None else run.plain_error(
+                    "ddim", c.sigmas, lambda: rmse(sample(run, c, targets, resolve=False)[0], final))
+                run.memo["olss.cross_validated", key] = {"teacher fit, cross-validated": teacher,
+                                                         "re-solved, cross-validated": rmse(torch.cat(resolved),
+                                                                                            final[order])}
             scores[label] = run.memo["olss.cross_validated", key]
             for form, error in scores[label].items():
                 if best is None or error < best[0]:
@@ -131,6 +135,9 @@ class OLSS(Method):
         return tensors, {**facts, "step_error": step_error, "schedule": label, "resolved": resolved,
                          "candidate_rmse": scores, "evaluations": run.calls[0] - calls,
                          "fit_seconds": time.perf_counter() - start + seconds}
+
+    def plain_sampler(self, settings):
+        return "ddim"
 
     def plain_tensors(self, tensors, settings, schedule):
         """DDIM on the fit's sigmas, written in OLSS's basis."""
