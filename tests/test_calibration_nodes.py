@@ -17,6 +17,7 @@ from comfy_extras.nodes_custom_sampler import SamplerCustom
 from calibrated_samplers.nodes.builtins import ONE_EVALUATION, schedules
 from calibrated_samplers.nodes.validation import SCREEN_KEEP
 from calibrated_samplers.nodes.methods import ALL, METHODS
+from calibrated_samplers.nodes.methods.olss import HOPELESS
 from tinymodels import gmm
 
 CFG = 2.0
@@ -69,16 +70,20 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     ms = model.get_model_object("model_sampling")
     screened = sum(len(schedules(ms, 4, name)) for name in ONE_EVALUATION)
     assert d["builtins_evaluations"] == pytest.approx((screened + 5 * SCREEN_KEEP) * 4 / 6)
-    # OLSS: per candidate schedule the teacher fit of each half sampled on the other half (one run in all) and
-    # the re-solve on each half (a run each), then the chosen re-solve on the batch; validation adds only its plain
-    # solver (OLSS judged itself on the same folds). DDIM on karras (the karras candidate's teacher fit, fitted on
-    # nothing, and the plain solver of OLSS on it and of IIA-DDIM) runs once, not at all where the screen ran euler
-    # on karras on the whole batch. OLSS-P's one schedule is OLSS's uniform path, judged already: it runs at most
+    # OLSS: per candidate schedule the teacher fit of each half sampled on the other half (one run in all) and,
+    # unless the teacher fit is hopeless, the re-solve on each half (a run each), then the chosen re-solve on the
+    # batch; validation adds only its plain solver (OLSS judged itself on the same folds). DDIM on karras (the karras
+    # candidate's teacher fit, fitted on nothing, and the plain solver of OLSS on it and of IIA-DDIM) runs once, not
+    # at all where the screen ran euler on karras on the whole batch. OLSS-P's one schedule is OLSS's uniform path, judged already: it runs at most
     # its re-solve and plain solver where OLSS kept another. IIA: its fit, its plain solver (Heun for both Heun
     # forms: run once), and on each half a fit and a run on the other half
     olss_fit = d["olss"]
     ddim_screened = "euler / karras" in d["validated"]
-    assert olss_fit["evaluations"] == 4 * (3 * 3 + olss_fit["resolved"] - ddim_screened)
+    resolved = {label for label, forms in olss_fit["candidate_rmse"].items() if "re-solved, cross-validated" in forms}
+    teacher_fits = {label: forms["teacher fit, cross-validated"] for label, forms in olss_fit["candidate_rmse"].items()}
+    assert resolved == {label for label, error in teacher_fits.items()
+                        if label == "karras sigmas" or error <= HOPELESS * min(teacher_fits.values())}
+    assert olss_fit["evaluations"] == 4 * (3 - ddim_screened + 2 * len(resolved) + olss_fit["resolved"])
     assert olss_fit["calls"] == olss_fit["evaluations"] + 4 * (olss_fit["schedule"] != "karras sigmas")
     assert d["olss_p"]["calls"] <= 2 * 4
     assert d["olss_p"]["candidate_rmse"]["uniform path"] == olss_fit["candidate_rmse"]["uniform path"]
@@ -367,6 +372,21 @@ def test_calibrated_time_steps_lower_the_samplers_error_and_sample_as_the_built_
     other = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "beta", 4)
     with pytest.raises(ValueError, match="fitted for the 4-step sigmas"):
         _sample(model, node_for("time_steps").execute(calibration).result[0], other)
+
+
+def test_olss_does_not_re_solve_a_hopeless_path(model, monkeypatch):
+    """A searched or uniform path whose teacher fit cross-validates over HOPELESS times the best one is not re-solved
+    (two runs saved each); the scheduler's sigmas, whose DDIM prior is fitted on nothing, always are."""
+    from calibrated_samplers.nodes.methods import olss
+    facts = {}
+    for hopeless in (math.inf, 0.0):
+        monkeypatch.setattr(olss, "HOPELESS", hopeless)
+        facts[hopeless] = _calibrate(model, method="olss", refit=True)[0].diagnostics["olss"]
+    resolved = {hopeless: {label for label, forms in fact["candidate_rmse"].items()
+                           if "re-solved, cross-validated" in forms} for hopeless, fact in facts.items()}
+    assert resolved == {math.inf: {"uniform path", "searched path", "karras sigmas"}, 0.0: {"karras sigmas"}}
+    runs = {hopeless: fact["evaluations"] / 4 - fact["resolved"] for hopeless, fact in facts.items()}   # (4 steps)
+    assert runs[math.inf] - runs[0.0] == 2 * 2
 
 
 def test_teacher_steps_auto_takes_the_teacher_its_students_need(model, monkeypatch):

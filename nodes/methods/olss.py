@@ -1,5 +1,6 @@
 """OLSS and OLSS-P (Duan et al., CIKM 2023) on ComfyUI: candidate schedules, the teacher fit and its
 re-solve on the student's own outputs, chosen by their cross-validated error against the teacher."""
+import math
 import time
 
 import torch
@@ -7,6 +8,11 @@ import torch
 from ...optimizers import olss
 from ...optimizers.teacher import rmse
 from . import Method, finite, folds, scheduler_setting
+
+# Re-solving moved a path's cross-validated error at most 3.3x from its teacher fit's on the test models (the
+# scheduler's sigmas, whose prior is DDIM fitted on nothing, much more): a searched or uniform path whose teacher fit
+# cross-validates over HOPELESS times the best teacher fit judged on the run is not re-solved.
+HOPELESS = 10
 
 
 class OLSS(Method):
@@ -51,6 +57,10 @@ class OLSS(Method):
         return olss.OLSSCoefficients(tuple(run.nearest_teacher_steps(sigmas[:-1])), sigmas.float(), weights_x,
                                      weights_d, torch.zeros(len(sigmas) - 1, dtype=torch.float64))
 
+    def fold_fit(self, run, path, rows):
+        """The teacher fit of `path` on the Gram matrices of some rows of the run (a fold)."""
+        return self.teacher_fit(run, self.gram(run, rows)[0], path)
+
     @staticmethod
     def gram(run, rows=None):
         """(Gram matrices of the teacher run on `rows` (None: all), seconds), made once per run and shared by OLSS
@@ -66,10 +76,11 @@ class OLSS(Method):
     def fit(self, run):
         """Every candidate schedule (`paths`) in two forms, each judged by two-fold cross-validation (`folds`:
         fitted on one half of the batch, sampled on the other): the teacher fit, and the same re-solved on the
-        student's own outputs (`olss.SequentialResolve`). The form and schedule that validate best are fitted on
-        the whole batch and kept; diagnostics["cross_validated"] is their validated error (so `validate` does not
-        fit OLSS again). With one noise, the teacher fit that comes closest to the teacher is kept. A schedule judged
-        (or re-solved) already on this run, by the other of OLSS and OLSS-P, is not run again (`run.memo`)."""
+        student's own outputs (`olss.SequentialResolve`; not for a path whose teacher fit is HOPELESS). The form
+        and schedule that validate best are fitted on the whole batch and kept; diagnostics["cross_validated"] is
+        their validated error (so `validate` does not fit OLSS again). With one noise, the teacher fit that comes
+        closest to the teacher is kept. A schedule judged (or re-solved) already on this run, by the other of OLSS
+        and OLSS-P, is not run again (`run.memo`)."""
         gram, seconds = self.gram(run)
         start = time.perf_counter()
         final = run.trajectory.final.double()
@@ -86,6 +97,7 @@ class OLSS(Method):
             x = part.sample(olss.sample_olss, c.sigmas.float(), coefficients=ours, resolve=solver).cpu().double()
             return x, ours, solver
 
+        judged = []                 # with folds: (label, path, coefficients, targets, memo key)
         for label, path in self.paths(run, gram).items():
             c = self.teacher_fit(run, gram, path)
             targets = run.teacher_states(c.sigmas[1:])
@@ -96,22 +108,30 @@ class OLSS(Method):
                     best = scores[label]["teacher fit"], label, measured, solver, False
                 continue
             key = (path is None, tuple(c.sigmas.tolist()))      # (OLSS-P's one candidate is OLSS's uniform path)
-            if ("olss.cross_validated", key) not in run.memo:
-                fitted = [self.teacher_fit(run, self.gram(run, rows)[0], path) for rows in halves]
-                held, resolved = [], []
-                for fit_rows, test_rows, prior in zip(halves, halves[::-1], fitted):
-                    test = run.subset(test_rows, states=False)
-                    if path is not None:
-                        held.append(sample(test, prior, [t[test_rows] for t in targets], resolve=False)[0])
-                    resolved.append(sample(run, prior, targets, rows=fit_rows)[0][test_rows])
-                order = halves[1] + halves[0]
-                # (DDIM on the scheduler's sigmas is fitted on nothing: its error on the batch, shared with validation)
-                teacher = rmse(torch.cat(held), final[order]) if path is not None else run.plain_error(
-                    "ddim", c.sigmas, lambda: rmse(sample(run, c, targets, resolve=False)[0], final))
-                run.memo["olss.cross_validated", key] = {"teacher fit, cross-validated": teacher,
-                                                         "re-solved, cross-validated": rmse(torch.cat(resolved),
-                                                                                            final[order])}
-            scores[label] = run.memo["olss.cross_validated", key]
+            if ("olss.teacher fit", key) not in run.memo:
+                if path is None:        # (DDIM on the scheduler's sigmas is fitted on nothing: its error on the batch)
+                    error = run.plain_error("ddim", c.sigmas,
+                                            lambda: rmse(sample(run, c, targets, resolve=False)[0], final))
+                else:
+                    held = [sample(run.subset(test_rows, states=False), self.fold_fit(run, path, fit_rows),
+                                   [t[test_rows] for t in targets], resolve=False)[0]
+                            for fit_rows, test_rows in zip(halves, halves[::-1])]
+                    error = rmse(torch.cat(held), final[halves[1] + halves[0]])
+                run.memo["olss.teacher fit", key] = error
+            judged.append((label, path, c, targets, key))
+        if judged:                  # (the best teacher fit judged on this run, by OLSS or OLSS-P)
+            run.memo["olss.best teacher fit"] = min([run.memo["olss.teacher fit", key] for *_, key in judged] +
+                                                    [run.memo.get("olss.best teacher fit", math.inf)])
+        for label, path, c, targets, key in judged:
+            teacher = run.memo["olss.teacher fit", key]
+            scores[label] = {"teacher fit, cross-validated": teacher}
+            if path is None or teacher <= HOPELESS * run.memo["olss.best teacher fit"]:
+                if ("olss.re-solved, cross-validated", key) not in run.memo:
+                    resolved = [sample(run, self.fold_fit(run, path, fit_rows), targets, rows=fit_rows)[0][test_rows]
+                                for fit_rows, test_rows in zip(halves, halves[::-1])]
+                    run.memo["olss.re-solved, cross-validated", key] = rmse(torch.cat(resolved),
+                                                                              final[halves[1] + halves[0]])
+                scores[label]["re-solved, cross-validated"] = run.memo["olss.re-solved, cross-validated", key]
             for form, error in scores[label].items():
                 if best is None or error < best[0]:
                     best = error, label, c, targets, form.startswith("re-solved"), key
