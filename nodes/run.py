@@ -177,8 +177,10 @@ class CalibrationRun:
             previous = self.trajectory.final
             self._trajectory = None         # (the shorter run's states are let go before the longer run)
             self.take_teacher(longer)
-            last, estimate = estimate, error_estimate(self.trajectory.final, previous, longer, steps)
-            floor, steps = estimate > last / 1.5, longer
+            final = self.trajectory.final
+            # (the floor is judged on the noises the last estimate was made on: errors differ from noise to noise)
+            floor = error_estimate(final[rows], previous[rows], longer, steps) > estimate / 1.5
+            estimate, steps, rows = error_estimate(final, previous, longer, steps), longer, list(range(self.batch))
         return {"steps": steps, "estimate": estimate, "target": target, "floor": floor,
                 "evaluations": self.teacher_evaluations}
 
