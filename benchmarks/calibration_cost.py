@@ -7,8 +7,8 @@ auto, made by the nodes' own `fit`, with a fixed teacher and with teacher_steps 
 Model calls are counted as ComfyUI makes them (guided calls, after CFG) and weighed by the rows they
 evaluate, so a call on half the calibration batch counts one half: "calls" are calls on the whole batch.
 They are split into the teacher's runs (diagnostics["teacher"]), the built-in screen
-(diagnostics["builtins_evaluations"]) and the rest: each method's fits and validation (diagnostics[method]["calls"])
-and the report's (diagnostics["report_calls"]); the node's own total is checked against the count. Each method's
+(diagnostics["builtins_evaluations"]) and each method's fits and validation (diagnostics[method]["calls"]); the
+node's own total is checked against the count. Each method's
 held-out error (new seeds, the calibration's prompts) is measured against a 500-step teacher, for both
 calibrations, and so is the sample `auto` chooses.
 """
@@ -62,7 +62,7 @@ def measure(case, nfe, teacher_steps):
     return {"teacher_steps": teacher["steps"], "estimate": teacher.get("estimate"), "target": teacher.get("target"),
             "calls": calls, "teacher_calls": teacher["evaluations"], "builtin_calls": d["builtins_evaluations"],
             "other_calls": calls - teacher["evaluations"] - d["builtins_evaluations"], "seconds": seconds,
-            "method_calls": {m: d[m]["calls"] for m in calibration.fits}, "report_calls": d["report_calls"],
+            "method_calls": {m: d[m]["calls"] for m in calibration.fits},
             # what KSampler (Calibrated)'s auto does not fit: not in AUTO, or more than nfe evaluations
             "not_in_auto": [m for m in calibration.fits if m not in AUTO or calibration.evaluations[m] > nfe],
             "auto": choice, "held_out": errors}
@@ -74,7 +74,7 @@ def markdown(results):
              f"{CALIBRATION_BATCH}, cfg 3. Calls: guided model calls on the whole calibration batch (a half-batch "
              "call counts one half). Held-out: RMSE against a 500-step teacher on 16 new seeds, the calibration's "
              "prompts.", "",
-             "| model | NFE | teacher | its error (est.) | calls: teacher | built-ins | fits, validation, report | "
+             "| model | NFE | teacher | its error (est.) | calls: teacher | built-ins | fits and validation | "
              "total | seconds | auto's choice | auto held-out |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for setting in ("fixed", "auto"):
@@ -85,15 +85,15 @@ def markdown(results):
                          f"{m['calls']:.0f} | {m['seconds']:.0f} | {m['auto']} | {m['held_out']['auto']:.4f} |")
     fitted = sorted({m for r in results for m in r["auto"]["method_calls"]})
     lines += ["", "Model calls per method with teacher_steps auto (its fits and validation, every scheduler tried), "
-              "the report's, and the total of KSampler (Calibrated)'s auto, which fits only the methods of AUTO "
+              "and the total of KSampler (Calibrated)'s auto, which fits only the methods of AUTO "
               "spending at most NFE evaluations (not TimeTuner, not the Heun forms)", "",
-              "| model | NFE | " + " | ".join(fitted) + " | report | KSampler auto |",
-              "|---|---|" + "---|" * (len(fitted) + 2)]
+              "| model | NFE | " + " | ".join(fitted) + " | KSampler auto |",
+              "|---|---|" + "---|" * (len(fitted) + 1)]
     for r in results:
         m = r["auto"]
         ksampler = m["calls"] - sum(m["method_calls"][f] for f in m["not_in_auto"])
         lines.append(f"| {r['model']} | {r['nfe']} | " + " | ".join(f"{m['method_calls'][f]:.0f}" for f in fitted)
-                     + f" | {m['report_calls']:.0f} | {ksampler:.0f} |")
+                     + f" | {ksampler:.0f} |")
     methods = sorted({m for r in results for m in r["fixed"]["held_out"]})
     lines += ["", "Held-out RMSE with teacher_steps auto as a ratio to the fixed teacher's (1.00: the same)", "",
               "| model | NFE | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]

@@ -51,7 +51,7 @@ def calibrate(model, positive, negative, latent, request: Request, refit=False, 
                       lambda steps: memory.check(model, request, tuple(latent.shape[1:]), teacher_steps=steps))
     d = calibration.diagnostics
     parts = {"teacher": (d.get("teacher") or {}).get("evaluations", 0), "built-ins": d.get("builtins_evaluations", 0),
-             **{m: d[m]["calls"] for m in calibration.fits}, "report": d.get("report_calls", 0)}
+             **{m: d[m]["calls"] for m in calibration.fits}}
     logging.info("Calibrated Samplers: the calibration made %.0f model calls on its batch of %d (%s)", d["calls"],
                  request.calibration_batch, ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))
     try:
@@ -79,9 +79,9 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
     euler screened best.
 
     Model calls (in calls on the whole calibration batch): `diagnostics["calls"]` all of them, of which the
-    teacher's (`diagnostics["teacher"]["evaluations"]`), the built-ins' ("builtins_evaluations"), each method's
-    fits and validation over every scheduler tried (`diagnostics[method]["calls"]`) and the report's
-    ("report_calls")."""
+    teacher's (`diagnostics["teacher"]["evaluations"]`), the built-ins' ("builtins_evaluations") and each method's
+    fits and validation over every scheduler tried (`diagnostics[method]["calls"]`); the errors on the calibration
+    batch ("calibration_batch") take no run of their own."""
     request, p = run.request, run.plan
     diagnostics, screen = {}, None
     if run.starts is not None:
@@ -130,10 +130,7 @@ def fit(run, latent_shape, check_memory=None) -> Calibration:
             validated[name] = {"rmse": check["kept_rmse"], "evaluations": evaluations[name], "method": name}
     if run.has_teacher:
         diagnostics["teacher_seconds"] = round(run.teacher_seconds, 3)
-        calls = run.calls[0]
-        diagnostics["calibration_batch"] = calibration_batch_errors(run, fits, evaluations, screen.candidates,
-                                                                    diagnostics)
-        diagnostics["report_calls"] = run.calls[0] - calls
+        diagnostics["calibration_batch"] = calibration_batch_errors(fits, evaluations, screen.candidates, diagnostics)
         diagnostics["validated"] = {**validated, **screen.candidates}
         diagnostics["borrowable"] = nearby.ranges_for([*fits, "auto"])
     diagnostics["calls"] = run.calls[0]
@@ -164,22 +161,19 @@ def chosen_sampler(calibration, steps):
     return comfy.samplers.sampler_object(entry["sampler"]), torch.tensor(entry["sigmas"], dtype=torch.float32), label
 
 
-def calibration_batch_errors(run, fits, evaluations, builtins, diagnostics):
-    """{label: {"rmse": against the teacher's final x, "evaluations": per sample}} on the calibration noises, for
-    each fitted method and the built-ins (`validation.screen_builtins`, measured already): what calibration bought, in
-    sample. A run made already is not made again: a fit stored as its plain solver has validation's error of that
-    solver on the batch, and a fit whose own diagnostics hold its error on the batch ("rmse") keeps it."""
-    final = run.trajectory.final
+def calibration_batch_errors(fits, evaluations, builtins, diagnostics):
+    """{label: {"rmse": against the teacher's final x, "evaluations": per sample}} on the calibration noises, for the
+    fitted methods and the built-ins (`validation.screen_builtins`): what calibration bought, in sample, from the
+    runs made already (no model call): a fit stored as its plain solver has validation's error of that solver on the
+    batch, a fit whose fitting run was its own sample on the batch ("rmse") keeps it, and a fit with neither (an
+    OLSS teacher fit kept as it is) is left out (the report shows validated errors)."""
     errors = {}
-    for name, tensors in fits.items():
+    for name in fits:
         check = diagnostics[name].get("validation") or {}
         if check.get("kept") == "plain":
-            error = check["plain_rmse"]
+            errors[name] = {"rmse": check["plain_rmse"], "evaluations": evaluations[name]}
         elif "rmse" in diagnostics[name]:
-            error = diagnostics[name]["rmse"]
-        else:
-            error = rmse(run.sample_fit(METHODS[name], tensors), final)
-        errors[name] = {"rmse": error, "evaluations": evaluations[name]}
+            errors[name] = {"rmse": diagnostics[name]["rmse"], "evaluations": evaluations[name]}
     return {**errors, **builtins}
 
 
