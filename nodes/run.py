@@ -155,11 +155,11 @@ class CalibrationRun:
     def settle_teacher(self, target, check_memory=None) -> dict:
         """For teacher_steps auto: estimate the teacher's own error (`error_estimate`, from a run of 2/3 of its
         steps on half the calibration noises (`folds`' first; all of a batch of one), or from the shorter teacher
-        it replaces, on all of them) and lengthen it until the estimate is at most `target`
-        (by 1.5x to 2x a time, up to AUTO_MAX_STEPS; `check_memory(steps)` is called before a longer run). It stops
-        early where a longer run no longer lowers the estimate by 1.5x ("floor": the model's outputs are not smooth
+        it replaces, on all of them) and lengthen it until the estimate is at most `target` (by 1.5x to 2x a time,
+        up to AUTO_MAX_STEPS; `check_memory(steps)` is called before a longer run). It stops early where a longer
+        run no longer lowers the estimate by 1.5x on the same noises ("floor": the model's outputs are not smooth
         enough in sigma for more steps to help; a trained network's rounding, say). Returns {"steps", "estimate",
-        "target", "floor", "evaluations"} (the teacher's batched model calls, every run counted)."""
+        "target", "floor", "evaluations"} (the model calls of every teacher run, in calls on the whole batch)."""
         steps = len(self.trajectory.sigmas) - 1
         shorter = math.ceil(2 * steps / 3)       # (half the steps can be too few for a stable third-order run)
         rows = (folds(self.batch) or [list(range(self.batch))])[0]
