@@ -373,6 +373,26 @@ def test_calibrated_time_steps_lower_the_samplers_error_and_sample_as_the_built_
         _sample(model, node_for("time_steps").execute(calibration).result[0], other)
 
 
+def test_a_plain_solver_on_the_same_sigmas_runs_once():
+    """`CalibrationRun.plain_error`: ddim is ComfyUI's euler; an error the built-in screen measured on the whole batch
+    for that sampler on these sigmas is taken as it is, and any other is measured once per run."""
+    from calibrated_samplers.nodes.run import CalibrationRun
+    from calibrated_samplers.nodes.validation import BuiltinScreen
+    screened = [14.6, 3.1, 0.9, 0.0]
+    screen = BuiltinScreen({"euler / karras": {"rmse": 0.25, "sampler": "euler", "sigmas": screened}}, {}, {}, {}, 0)
+    run = CalibrationRun(model=None, plan=None, positive=[], negative=[], latent=None, builtin_screen=screen)
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return 0.5
+
+    assert run.plain_error("ddim", torch.tensor(screened), measure) == 0.25 and not measured
+    other = torch.tensor([14.6, 2.0, 0.5, 0.0], dtype=torch.float64)
+    assert [run.plain_error(name, other, measure) for name in ("ddim", "euler")] == [0.5, 0.5] and measured == [1]
+    assert run.plain_error("heun", other, measure) == 0.5 and measured == [1, 1]
+
+
 def test_olss_does_not_re_solve_a_hopeless_path(model, monkeypatch):
     """A searched or uniform path whose teacher fit cross-validates over HOPELESS times the best one is not re-solved
     (two runs saved each); the scheduler's sigmas, whose DDIM prior is fitted on nothing, always are."""
