@@ -112,7 +112,7 @@ def test_calibration_is_reproducible_from_its_seed(model):
 
 def test_ksampler_with_a_calibration_for_another_latent_size(model):
     calibration = calibrate(model, method="olss")
-    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    latent = {"samples": torch.zeros(1, 4, 32, 32)}        # (4x the sides: beyond any measured borrow range)
     with pytest.raises(ValueError, match="latent shape"):
         CalibratedKSampler.execute(model=model, seed=1, steps=4, cfg=CFG, sampler_name="euler", scheduler="karras",
                                    positive=gmm.conditioning([3]), negative=gmm.null_conditioning(),
