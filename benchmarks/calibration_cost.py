@@ -8,9 +8,8 @@ Model calls are counted as ComfyUI makes them (guided calls, after CFG) and weig
 evaluate, so a call on half the calibration batch counts one half: "calls" are calls on the whole batch.
 They are split into the teacher's runs (diagnostics["teacher"]), the built-in screen
 (diagnostics["builtins_evaluations"]) and each method's fits and validation (diagnostics[method]["calls"]); the
-node's own total is checked against the count. Each method's
-held-out error (new seeds, the calibration's prompts) is measured against a 500-step teacher, for both
-calibrations, and so is the sample `auto` chooses.
+node's own total is checked against the count. Each method's held-out error (new seeds, the calibration's prompts)
+is measured against a 500-step teacher, for both calibrations, and so is the sample `auto` chooses.
 """
 import argparse
 import json

@@ -119,13 +119,12 @@ class OLSS(Method):
                     error = rmse(torch.cat(held), final[halves[1] + halves[0]])
                 run.memo["olss.teacher fit", key] = error
             judged.append((label, path, c, targets, key))
-        if judged:                  # (the best teacher fit judged on this run, by OLSS or OLSS-P)
-            run.memo["olss.best teacher fit"] = min([run.memo["olss.teacher fit", key] for *_, key in judged] +
-                                                    [run.memo.get("olss.best teacher fit", math.inf)])
+        best_teacher = min((error for key, error in run.memo.items() if key[0] == "olss.teacher fit"),
+                           default=math.inf)        # (of every teacher fit judged on this run, by OLSS or OLSS-P)
         for label, path, c, targets, key in judged:
             teacher = run.memo["olss.teacher fit", key]
             scores[label] = {"teacher fit, cross-validated": teacher}
-            if path is None or teacher <= HOPELESS * run.memo["olss.best teacher fit"]:
+            if path is None or teacher <= HOPELESS * best_teacher:
                 if ("olss.re-solved, cross-validated", key) not in run.memo:
                     resolved = [sample(run, self.fold_fit(run, path, fit_rows), targets, rows=fit_rows)[0][test_rows]
                                 for fit_rows, test_rows in zip(halves, halves[::-1])]
