@@ -95,11 +95,11 @@ def builtin_sigmas(case, scheduler, steps, sampler_name):
     return ksampler_sigmas(case.model_sampling, scheduler, steps, sampler_name)
 
 
-def calibration_run(case, batch, steps, teacher_steps=500, labels=None, method="all", **inputs):
-    """The nodes' own CalibrationRun for this case: calibration seed 0 (never the held-out seeds), labels 0..9
-    repeated unless given; `inputs`: Calibrate Sampler's other inputs (scheduler, sampler_name, iia_target, ...)."""
+def calibration_run(case, batch, steps, teacher_steps=500, labels=None, method="all", seed=0, **inputs):
+    """The nodes' own CalibrationRun for this case: calibration seed 0 unless given (never the held-out seeds),
+    labels 0..9 repeated unless given; `inputs`: Calibrate Sampler's other inputs (scheduler, sampler_name, iia_target, ...)."""
     labels = torch.arange(batch) % 10 if labels is None else torch.as_tensor(labels)
-    request = Request.from_inputs(method, seed=0, cfg=case.cfg, steps=steps, teacher_steps=teacher_steps,
+    request = Request.from_inputs(method, seed=seed, cfg=case.cfg, steps=steps, teacher_steps=teacher_steps,
                                   calibration_batch=batch, **inputs)
     latent = torch.zeros(1, *case.noise.shape[1:])
     return CalibrationRun(model=case.model, plan=plan(case.model, tuple(latent.shape[1:]), request),

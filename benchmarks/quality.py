@@ -80,6 +80,7 @@ def trust_region_runs(case, nfe):
 
 
 CALIBRATION_BATCHES = [8, 32]
+CALIBRATION_SEEDS = [0]         # --calibration-seeds, for auto: its calibration noises (seed 0's is "auto_b8")
 CALIBRATION_TEACHER_STEPS = [500]
 CALIBRATION_COSTS = []
 CALIBRATED_SCHEDULERS = ["karras", "beta", "simple", "kl_optimal"]    # IIA and TimeTuner keep the schedule
@@ -168,8 +169,8 @@ def auto_runs(case, nfe):
         return
     from calibrated_samplers.nodes.calibrate import fit
     from calibrated_samplers.nodes.validation import choose
-    for batch in CALIBRATION_BATCHES:
-        run = common.calibration_run(case, batch, nfe, 0, method="auto", scheduler="auto")
+    for batch, seed in [(batch, seed) for batch in CALIBRATION_BATCHES for seed in CALIBRATION_SEEDS]:
+        run = common.calibration_run(case, batch, nfe, 0, method="auto", scheduler="auto", seed=seed)
         start = time.perf_counter()
         with torch.inference_mode():
             calibration = fit(run, tuple(case.noise.shape[1:]))
@@ -177,17 +178,19 @@ def auto_runs(case, nfe):
         samplers = {}
         for label, entry in validated.items():
             samplers[label] = sampler, sigmas = common.candidate_sampler(calibration, label, case.schedule)
-            VALIDATION.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "batch": batch, "label": label,
+            VALIDATION.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "batch": batch, "seed": seed,
+                               "label": label,
                                "evaluations": entry["evaluations"], "validated": entry["rmse"],
                                "held_out": common.rmse(case.sample(sampler, sigmas), case.reference)})
         label = choose(validated, nfe)          # as KSampler (Calibrated) does (`chosen_sampler`)
         sampler, sigmas = samplers[label]
         CALIBRATION_COSTS.append({"model": case.name, "cfg": case.cfg, "nfe": nfe, "method": "auto", "batch": batch,
+                                  "seed": seed,
                                   "seconds": time.perf_counter() - start, "choice": label,
                                   "teacher": calibration.diagnostics["teacher"],
                                   "validation_evaluations": sum((calibration.diagnostics[m]["validation"] or {})
                                                                 .get("evaluations", 0) for m in calibration.fits)})
-        yield f"auto_b{batch}", f"auto({label})", "auto", nfe, sampler, sigmas
+        yield f"auto_b{batch}" + (f"_s{seed}" if seed else ""), f"auto({label})", "auto", nfe, sampler, sigmas
 
 
 # The pack's methods: fn(case, nfe) -> iterable of (method, sampler, scheduler, steps, sampler_obj, sigmas)
@@ -315,6 +318,8 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="held-out samples per model")
     parser.add_argument("--teacher-steps", type=int, default=500)
     parser.add_argument("--calibration-batches", nargs="+", type=int, default=CALIBRATION_BATCHES)
+    parser.add_argument("--calibration-seeds", nargs="+", type=int, default=CALIBRATION_SEEDS,
+                        help="auto: calibrate on each of these seeds' noises (below the held-out seeds)")
     parser.add_argument("--methods", nargs="+", default=CALIBRATED, choices=CALIBRATED,
                         help="calibrated methods to fit")
     parser.add_argument("--iia-substeps", nargs="+", type=int, default=IIA_SUBSTEPS, help="M of the IIA fits")
@@ -326,6 +331,9 @@ def main():
     parser.add_argument("--out", default=str(common.RESULTS / "quality"))
     args = parser.parse_args()
     CALIBRATION_BATCHES[:] = args.calibration_batches
+    CALIBRATION_SEEDS[:] = args.calibration_seeds
+    if max(CALIBRATION_SEEDS) >= common.HELD_OUT_SEED:
+        parser.error(f"calibration seeds are below the held-out seed {common.HELD_OUT_SEED}")
     IIA_SUBSTEPS[:] = args.iia_substeps
     IIA_TARGETS[:] = args.iia_targets
     CALIBRATED[:] = args.methods

@@ -9,6 +9,7 @@ Table 3 (the README's headline): each method at its best scheduler (TimeTuner: a
 ratio to the best built-in, per model and NFE. With `auto` records: `auto` against the held-out oracle and
 against the built-in the calibration itself found best, then every validated error beside its held-out one.
 """
+import itertools
 import json
 import sys
 from collections import defaultdict
@@ -22,7 +23,9 @@ def plain_of(sampler):
 
 
 def label(record):
-    name = record["method"].rsplit("_b", 1)[0]
+    """A method's name without its calibration batch; auto calibrated on seed s > 0 ("auto_b8_s3") is "auto s3"."""
+    name, _, batch = record["method"].rpartition("_b")
+    name = f"{name} s{batch.split('_s')[1]}" if "_s" in batch else name or batch
     return f"{name}({plain_of(record['sampler'])})" if record["sampler"].startswith("timetuner(") else name
 
 
@@ -113,18 +116,19 @@ def auto_against_knowable(records, entries):
            "held-out noises (a perfect choice) against the oracle", "",
            "| model | NFE | auto's choice | auto | oracle built-in | vs oracle | calibration's best built-in | "
            "vs it | best candidate | vs oracle |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, n), found in sorted(best.items()):
-        if "auto" not in found:
+    seeds = sorted({v.get("seed", 0) for v in entries})
+    for ((model, n), found), seed in itertools.product(sorted(best.items()), seeds):
+        name = f"auto s{seed}" if seed else "auto"
+        own = [v for v in entries if v["model"] == model and v["nfe"] == n and v.get("seed", 0) == seed
+               and v["evaluations"] <= n]
+        known = [v for v in own if "/" in v["label"]]
+        if name not in found or not known:
             continue
-        ours, oracle = found["auto"], found["built-in"]
-        known = [v for v in entries if v["model"] == model and v["nfe"] == n and "/" in v["label"]
-                 and v["evaluations"] <= n]
-        if not known:
-            continue
+        ours, oracle = found[name], found["built-in"]
         knowable = min(known, key=lambda v: v["validated"])
-        perfect = min((v for v in entries if v["model"] == model and v["nfe"] == n and v["evaluations"] <= n),
-                      key=lambda v: v["held_out"])
-        out.append(f"| {model} | {n} | {ours['sampler'][5:-1]} | {ours['rmse']:.4f} | {oracle['rmse']:.4f} "
+        perfect = min(own, key=lambda v: v["held_out"])
+        row = f"{model} (seed {seed})" if len(seeds) > 1 else model
+        out.append(f"| {row} | {n} | {ours['sampler'][5:-1]} | {ours['rmse']:.4f} | {oracle['rmse']:.4f} "
                    f"{oracle['sampler']}/{oracle['scheduler']} | {ours['rmse'] / oracle['rmse']:.2f}x | "
                    f"{knowable['held_out']:.4f} {knowable['label']} | {ours['rmse'] / knowable['held_out']:.2f}x | "
                    f"{perfect['held_out']:.4f} {perfect['label']} | {perfect['held_out'] / oracle['rmse']:.2f}x |")
