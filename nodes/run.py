@@ -48,6 +48,7 @@ class CalibrationRun:
     starts: dict | None = None      # a partial pass: where its pictures came from (`starting_pictures`)
     calls: list = field(default_factory=lambda: [0.0])     # model calls of every run made here and in its subsets
                                     # (`subset`, `with_scheduler`), in calls on the whole calibration batch
+    first_calls: object = field(default_factory=lambda: FirstCalls(), repr=False)   # shared with its subsets too
     _trajectory: Trajectory | None = field(default=None, repr=False)
 
     @property
@@ -65,6 +66,7 @@ class CalibrationRun:
         return CalibrationRun(model=self.model, plan=self.plan, positive=_rows_of(self.positive, rows, self.batch),
                               negative=_rows_of(self.negative, rows, self.batch), latent=self.latent,
                               rows=tuple(rows), scheduler=self.scheduler, calls=self.calls,
+                              first_calls=self.first_calls,
                               builtin_screen=self.builtin_screen, _trajectory=part)
 
     def with_scheduler(self, scheduler):
@@ -108,9 +110,11 @@ class CalibrationRun:
         if self.rows is not None:
             latent, noise = latent[list(self.rows)], noise[list(self.rows)]
         final, share = [], len(noise) / batch
+        rows = list(self.rows) if self.rows is not None else list(range(batch))
 
-        def recorded(model, *args, **kwargs):
-            final.append(function(_Counted(model, self.calls, share), *args, **kwargs))
+        def recorded(model, x, sigmas, *args, **kwargs):
+            first = self.first_calls.at(rows, float(sigmas[0].float()))     # (the sigma a model call is given)
+            final.append(function(_Counted(model, self.calls, share, first), x, sigmas, *args, **kwargs))
             return final[-1]
 
         sampler = comfy.samplers.KSAMPLER(recorded, extra_options=options)
@@ -225,19 +229,93 @@ class CalibrationRun:
         return [int(torch.argmin((grid - float(s)).abs())) for s in sigmas]
 
 
-class _Counted:
-    """The k-diffusion model a sampler function is given, adding `share` (its rows' part of the calibration batch)
-    to `calls[0]` at every call; everything else is the model's."""
+class FirstCalls:
+    """Every run's first model call, made once per calibration. The runs start from the same calibration noises at
+    the same first sigma (sigma_max, or a partial pass's start), so whatever the sampler, a noise's first call is the
+    same call: its output is kept per noise (row of the calibration batch) and model patches (the callables in the
+    call's model options) and given to every later run that starts there. Same start: sigma and x equal to float32
+    rounding (RTOL; a scheduler's first sigma can differ from sigma_max in its last bit). Model patches are taken to
+    act on each call's x and sigma alone; a patch whose effect changes from run to run (`varies`: TimeTuner's time
+    hook, tuned between runs) is never shared."""
 
-    def __init__(self, model, calls, share):
-        self._model, self._calls, self._share = model, calls, share
+    RTOL = 1e-6
+
+    def __init__(self):
+        self.kept = {}          # {(row, ids of the patches): [(sigma, x, output, the patches themselves)]}
+
+    def at(self, rows, sigma):
+        """The first calls of a run on `rows` of the batch starting at `sigma`: `take` and `keep` for its model."""
+        return _FirstCall(self, rows, sigma)
+
+    def find(self, key, sigma, x):
+        """The output kept for this noise and patches at (sigma, x), or None."""
+        for s, kept_x, output, _ in self.kept.get(key, []):
+            scale = float(kept_x.abs().max())
+            if abs(s - sigma) <= self.RTOL * s and float((kept_x - x).abs().max()) <= self.RTOL * scale:
+                return output
+        return None
+
+
+@dataclass
+class _FirstCall:
+    calls: FirstCalls
+    rows: list
+    sigma: float
+
+    def _keys(self, x, sigma, options):
+        """(keys of this call's rows, its patches), or None where it is not its run's first (another sigma)."""
+        sigma = torch.as_tensor(sigma).float()
+        if len(x) != len(self.rows) or not bool((sigma == self.sigma).all()):
+            return None
+        patches = _callables(options)
+        if any(getattr(p, "varies", False) for p in patches):
+            return None
+        return [(row, tuple(id(p) for p in patches)) for row in self.rows], patches
+
+    def take(self, x, sigma, options):
+        """The kept output of this call, or None."""
+        found = self._keys(x, sigma, options)
+        outputs = [self.calls.find(key, self.sigma, xi) for key, xi in zip(found[0], x)] if found else [None]
+        if any(output is None for output in outputs):
+            return None
+        return torch.stack(outputs).to(x.device, x.dtype)
+
+    def keep(self, x, sigma, options, output):
+        found = self._keys(x, sigma, options)
+        if found:
+            for key, xi, out in zip(found[0], x, output):
+                if self.calls.find(key, self.sigma, xi) is None:
+                    self.calls.kept.setdefault(key, []).append((self.sigma, xi.clone(), out.clone(), found[1]))
+
+
+def _callables(value) -> list:
+    """The callables (patches, wrappers, CFG functions) in ComfyUI model options, in order."""
+    if isinstance(value, dict):
+        return [c for v in value.values() for c in _callables(v)]
+    if isinstance(value, (list, tuple)):
+        return [c for v in value for c in _callables(v)]
+    return [value] if callable(value) and not torch.is_tensor(value) else []
+
+
+class _Counted:
+    """The k-diffusion model a sampler function is given: adds `share` (its rows' part of the calibration batch)
+    to `calls[0]` at every call it makes; a run's first call is taken from `first` (`FirstCalls`) where an earlier
+    run made it. Everything else is the model's."""
+
+    def __init__(self, model, calls, share, first):
+        self._model, self._calls, self._share, self._first = model, calls, share, first
 
     def __getattr__(self, name):
         return getattr(self.__dict__["_model"], name)
 
-    def __call__(self, *args, **kwargs):
-        self._calls[0] += self._share
-        return self._model(*args, **kwargs)
+    def __call__(self, x, sigma, **kwargs):
+        options = kwargs.get("model_options", {})
+        output = self._first.take(x, sigma, options)
+        if output is None:
+            self._calls[0] += self._share
+            output = self._model(x, sigma, **kwargs)
+            self._first.keep(x, sigma, options, output)
+        return output
 
 
 def _rows_of(conditioning, rows, batch):

@@ -97,7 +97,7 @@ def screen_builtins(run) -> BuiltinScreen:
     screen_rows = list(range(max(1, run.batch // 8)))
     rest_rows = list(range(len(screen_rows), run.batch))
     screen, rest = run.subset(screen_rows, states=False), run.subset(rest_rows, states=False) if rest_rows else None
-    screened, starts = {}, {}
+    screened, starts, calls = {}, {}, run.calls[0]
     for name in ONE_EVALUATION:
         sampler = comfy.samplers.sampler_object(name)
         for scheduler, sigmas in schedules(ms, run.request.steps, name, run.request.denoise,
@@ -118,6 +118,5 @@ def screen_builtins(run) -> BuiltinScreen:
         candidates[label] = {"rmse": rmse(x, run.trajectory.final), "sampler": name, "scheduler": scheduler,
                              "sigmas": sigmas.double().tolist(),
                              "evaluations": model_evaluations(name, run.request.steps)}
-    steps = run.request.steps
-    evaluations = (len(screened) * len(screen_rows) + len(kept) * len(rest_rows)) * steps / run.batch
-    return BuiltinScreen(candidates, finals, {key: value[0] for key, value in screened.items()}, starts, evaluations)
+    return BuiltinScreen(candidates, finals, {key: value[0] for key, value in screened.items()}, starts,
+                         run.calls[0] - calls)

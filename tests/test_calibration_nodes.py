@@ -1,5 +1,6 @@
 """CalibrateSampler, the cache, the sampler nodes, CalibrationSigmas, LoadCalibration and CalibratedKSampler,
 executed as ComfyUI executes them, on the closed-form models."""
+import dataclasses
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from calibrated_samplers.nodes.builtins import ONE_EVALUATION, schedules
 from calibrated_samplers.nodes.validation import SCREEN_KEEP
 from calibrated_samplers.nodes.methods import ALL, METHODS
 from calibrated_samplers.nodes.methods.olss import HOPELESS
+from calibrated_samplers.nodes.run import FirstCalls
 from tinymodels import gmm
 
 CFG = 2.0
@@ -61,15 +63,25 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     assert calibration.methods == sorted(ALL) and calibration.steps == 4
     # every model call is accounted for, in calls on the whole batch of 6 (a call on half of it counts a half): the
     # teacher's; the built-ins' (every one-evaluation sampler on every scheduler giving 4 steps on one noise, then
-    # the SCREEN_KEEP best on the other 5); each method's fit and validation; the report's
+    # the SCREEN_KEEP best on the other 5); each method's fit and validation. A noise's first call at a sigma is made
+    # once (the teacher's at sigma_max): a run of 4 steps that starts there makes 3
     d = calibration.diagnostics
     assert sum(calls) / 6 == pytest.approx(d["calls"])
     assert d["calls"] == pytest.approx(d["teacher"]["evaluations"] + d["builtins_evaluations"]
                                        + sum(d[m]["calls"] for m in ALL))
     assert d["teacher"]["evaluations"] == 120
     ms = model.get_model_object("model_sampling")
-    screened = sum(len(schedules(ms, 4, name)) for name in ONE_EVALUATION)
-    assert d["builtins_evaluations"] == pytest.approx((screened + 5 * SCREEN_KEEP) * 4 / 6)
+    top = float(ms.sigma_max)
+
+    def starts(schedules):          # the starts other than the teacher's (ddim_uniform's, ...)
+        found = {float(sigmas[0].float()) for sigmas in schedules}
+        return len({start for start in found if abs(start - top) > FirstCalls.RTOL * top})
+    runs = {f"{name} / {scheduler}": sigmas for name in ONE_EVALUATION
+            for scheduler, sigmas in schedules(ms, 4, name).items()}
+    kept = [runs[label] for label in set(d["calibration_batch"]) - set(ALL)]
+    assert starts(runs.values()) >= 1
+    assert d["builtins_evaluations"] == pytest.approx((3 * len(runs) + starts(runs.values())
+                                                       + 5 * (3 * len(kept) + starts(kept))) / 6)
     # OLSS: per candidate schedule the teacher fit of each half sampled on the other half (one run in all) and,
     # unless the teacher fit is hopeless, the re-solve on each half (a run each), then the chosen re-solve on the
     # batch; validation adds only its plain solver (OLSS judged itself on the same folds). DDIM on karras (the karras
@@ -83,12 +95,12 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     teacher_fits = {label: forms["teacher fit, cross-validated"] for label, forms in olss_fit["candidate_rmse"].items()}
     assert resolved == {label for label, error in teacher_fits.items()
                         if label == "karras sigmas" or error <= HOPELESS * min(teacher_fits.values())}
-    assert olss_fit["evaluations"] == 4 * (3 - ddim_screened + 2 * len(resolved) + olss_fit["resolved"])
-    assert olss_fit["calls"] == olss_fit["evaluations"] + 4 * (olss_fit["schedule"] != "karras sigmas")
-    assert d["olss_p"]["calls"] <= 2 * 4
+    assert olss_fit["evaluations"] == 3 * (3 - ddim_screened + 2 * len(resolved) + olss_fit["resolved"])
+    assert olss_fit["calls"] == olss_fit["evaluations"] + 3 * (olss_fit["schedule"] != "karras sigmas")
+    assert d["olss_p"]["calls"] <= 2 * 3
     assert d["olss_p"]["candidate_rmse"]["uniform path"] == olss_fit["candidate_rmse"]["uniform path"]
-    assert d["iia_ddim"]["evaluations"] == 4 and d["iia_ddim"]["calls"] == 3 * 4
-    assert d["biia_heun"]["calls"] == 4 * 7 and d["iia_heun"]["calls"] == 3 * 7
+    assert d["iia_ddim"]["evaluations"] == 3 and d["iia_ddim"]["calls"] == 3 * 3
+    assert d["biia_heun"]["calls"] == pytest.approx(4 * 6) and d["iia_heun"]["calls"] == pytest.approx(3 * 6)
     assert d["iia_heun"]["validation"]["plain_rmse"] == d["biia_heun"]["validation"]["plain_rmse"]
     # (the errors on the batch take no run: a fit with no run of its own on the batch, an OLSS teacher fit kept as it
     # is, is left out of them)
@@ -393,6 +405,52 @@ def test_a_plain_solver_on_the_same_sigmas_runs_once():
     assert run.plain_error("heun", other, measure) == 0.5 and measured == [1, 1]
 
 
+def test_a_noise_first_model_call_is_made_once(model):
+    """`FirstCalls`: every run starts from the calibration noises at sigma_max, so once the teacher has run, no run
+    (nor a part of one) makes that call again, and a run given it ends where it would have; a run from another start
+    and a time hook tuned between runs (TimeTuner's) make theirs."""
+    from calibrated_samplers.nodes.request import Request, plan
+    from calibrated_samplers.nodes.run import CalibrationRun
+
+    def fresh():
+        request = Request.from_inputs("olss", seed=0, cfg=CFG, steps=4, teacher_steps=20, calibration_batch=4)
+        return CalibrationRun(model=model, plan=plan(model, (4, 8, 8), request), positive=gmm.conditioning([3]),
+                              negative=gmm.null_conditioning(), latent=torch.zeros(1, 4, 8, 8))
+
+    def calls(run, function, sigmas, **options):
+        before = run.calls[0]
+        x = run.sample(function, sigmas, **options)
+        return x, run.calls[0] - before
+
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 4).float()
+    euler = comfy.samplers.sampler_object("euler").sampler_function
+    run = fresh()
+    assert run.trajectory.final.shape[0] == 4 and run.calls[0] == 20
+    shared, made = calls(run, euler, sigmas), calls(fresh(), euler, sigmas)
+    assert shared[1] == 3 and made[1] == 4
+    torch.testing.assert_close(shared[0], made[0], rtol=0, atol=1e-5)
+    assert calls(run.subset([1, 2]), euler, sigmas)[1] == pytest.approx(3 * 2 / 4)
+    assert calls(run, euler, sigmas[1:])[1] == 3                      # another start: its first call is made
+    assert calls(run, euler, sigmas[1:])[1] == 2                      # (once)
+    tuned = METHODS["timetuner"].sampler({"sigmas": sigmas, "ratios": torch.full((4,), 1.1, dtype=torch.float64)},
+                                         {"sampler_name": "euler"}, run.schedule)
+    assert calls(run, tuned[0], sigmas, **tuned[1])[1] == 4
+    # TimeTuner's tuning runs the sampler again and again from the start, with one time hook whose ratios it changes
+    # (`varies`: never shared); sharing the rest changes nothing it fits
+    request = Request.from_inputs("timetuner", seed=0, cfg=CFG, steps=4, teacher_steps=20, calibration_batch=4,
+                                  scheduler="simple")
+    ratios = []
+    for first_calls in (run.first_calls, FirstCalls()):
+        tuning = dataclasses.replace(run, plan=plan(model, (4, 8, 8), request), first_calls=first_calls)
+        ratios.append(METHODS["timetuner"].fit(tuning)[0]["ratios"])
+    assert (ratios[0] != 1).any() and torch.equal(ratios[0], ratios[1])
+    hook = type("Hook", (), {"varies": True, "__call__": lambda self: None})()
+    first, x, sigma = FirstCalls().at([0], 1.0), torch.ones(1, 2), torch.ones(1)
+    for options in ({}, {"transformer_options": {"wrappers": {"diffusion_model": {"hook": [hook]}}}}):
+        first.keep(x, sigma, options, 2 * x)
+    assert torch.equal(first.take(x, sigma, {}), 2 * x) and first.take(x, sigma, options) is None
+
+
 def test_olss_does_not_re_solve_a_hopeless_path(model, monkeypatch):
     """A searched or uniform path whose teacher fit cross-validates over HOPELESS times the best one is not re-solved
     (two runs saved each); the scheduler's sigmas, whose DDIM prior is fitted on nothing, always are."""
@@ -404,7 +462,8 @@ def test_olss_does_not_re_solve_a_hopeless_path(model, monkeypatch):
     resolved = {hopeless: {label for label, forms in fact["candidate_rmse"].items()
                            if "re-solved, cross-validated" in forms} for hopeless, fact in facts.items()}
     assert resolved == {math.inf: {"uniform path", "searched path", "karras sigmas"}, 0.0: {"karras sigmas"}}
-    runs = {hopeless: fact["evaluations"] / 4 - fact["resolved"] for hopeless, fact in facts.items()}   # (4 steps)
+    runs = {hopeless: fact["evaluations"] / 3 - fact["resolved"] for hopeless, fact in facts.items()}
+    # (4 steps, the first call the teacher's)
     assert runs[math.inf] - runs[0.0] == 2 * 2
 
 

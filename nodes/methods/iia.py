@@ -70,7 +70,7 @@ class IIA(Method):
         run is shared with the other methods, and fits what sampling is judged by), or to M finer sub-steps of
         the same solver from the IIA sampler's own state (the paper's target; no teacher run)."""
         fit = iia.IIAFit(m=run.request.option("iia_substeps", SUBSTEPS))
-        start = time.perf_counter()
+        start, calls = time.perf_counter(), run.calls[0]
         if self.target(run.request) == "teacher":
             fit.targets = run.teacher_states(run.sigmas[1:])
         x = run.sample(iia.sample_iia, run.sigmas.float(), schedule=run.schedule, variant=self.name, r=HISTORY,
@@ -80,7 +80,7 @@ class IIA(Method):
         in_sample = {"rmse": rmse(x.cpu(), run.trajectory.final)} if fit.targets is not None else {}
         return tensors, {**in_sample, "step_error": fit.fit_error, "plain_step_error": fit.plain_error,
                          "target": self.target(run.request), "scheduler": run.scheduler_name,
-                         "evaluations": fit.evaluations,
+                         "evaluations": run.calls[0] - calls,
                          "fit_seconds": time.perf_counter() - start}
 
     def plain_sampler(self, settings):

@@ -110,6 +110,8 @@ WRAPPER_KEY = "calibrated_samplers.time_ratio"
 class TimeRatioWrapper:
     """DIFFUSION_MODEL wrapper multiplying the timestep argument by ratios(sigma); counts its runs."""
 
+    varies = True               # its ratios are tuned between runs: no run takes its first call from another's
+
     def __init__(self, ratios):
         self.ratios = ratios
         self.calls = 0
