@@ -541,6 +541,17 @@ def test_teacher_steps_auto_stops_where_longer_runs_stop_helping(model, monkeypa
     assert run.auto_start(4) < teacher["steps"] <= 2 * run.auto_start(4)
 
 
+def test_teacher_steps_auto_judges_the_floor_on_the_same_noises(model, monkeypatch):
+    """The first estimate is made on half the noises: whether a longer teacher still helps is judged on that half,
+    not on all the noises (whose errors may be larger: here 10x), which would stop it at a floor it has not met."""
+    from calibrated_samplers.nodes import run
+    monkeypatch.setattr(run, "error_estimate",
+                        lambda final, coarser, steps, coarser_steps: (10 if len(final) == 6 else 1) * 1e5 / steps ** 3)
+    calibration = _calibrate(model, steps=4, teacher_steps=0, method="iia_ddim")[0]
+    teacher = calibration.diagnostics["teacher"]
+    assert not teacher["floor"] and teacher["steps"] > 2 * run.auto_start(4)
+
+
 def test_a_nearby_cfg_borrows_a_stored_calibration(model, calibration_folder, monkeypatch, tmp_path_factory, caplog):
     """With a measured range (here a made-up one, cfg -0.5 to +1), KSampler (Calibrated) at cfg 2.5 uses the stored
     calibration made at cfg 2 (no new file, a log line), at cfg 3.5 makes its own; a calibration given outside its
