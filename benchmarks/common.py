@@ -97,7 +97,8 @@ def builtin_sigmas(case, scheduler, steps, sampler_name):
 
 def calibration_run(case, batch, steps, teacher_steps=500, labels=None, method="all", seed=0, **inputs):
     """The nodes' own CalibrationRun for this case: calibration seed 0 unless given (never the held-out seeds),
-    labels 0..9 repeated unless given; `inputs`: Calibrate Sampler's other inputs (scheduler, sampler_name, iia_target, ...)."""
+    labels 0..9 repeated unless given; `inputs`: Calibrate Sampler's other inputs (scheduler, sampler_name,
+    iia_target, ...)."""
     labels = torch.arange(batch) % 10 if labels is None else torch.as_tensor(labels)
     request = Request.from_inputs(method, seed=seed, cfg=case.cfg, steps=steps, teacher_steps=teacher_steps,
                                   calibration_batch=batch, **inputs)
