@@ -8,6 +8,7 @@ NFE is counted, not assumed: every run counts the guided-denoiser evaluations it
 two), and a sampler enters an NFE column with the most steps whose count stays within it.
 """
 import argparse
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -169,7 +170,7 @@ def auto_runs(case, nfe):
         return
     from calibrated_samplers.nodes.calibrate import fit
     from calibrated_samplers.nodes.validation import choose
-    for batch, seed in [(batch, seed) for batch in CALIBRATION_BATCHES for seed in CALIBRATION_SEEDS]:
+    for batch, seed in itertools.product(CALIBRATION_BATCHES, CALIBRATION_SEEDS):
         run = common.calibration_run(case, batch, nfe, 0, method="auto", scheduler="auto", seed=seed)
         start = time.perf_counter()
         with torch.inference_mode():

@@ -48,7 +48,7 @@ class CalibrationRun:
     starts: dict | None = None      # a partial pass: where its pictures came from (`starting_pictures`)
     calls: list = field(default_factory=lambda: [0.0])     # model calls of every run made here and in its subsets
                                     # (`subset`, `with_scheduler`), in calls on the whole calibration batch
-    first_calls: object = field(default_factory=lambda: FirstCalls(), repr=False)   # shared with its subsets too
+    first_calls: "FirstCalls" = field(default_factory=lambda: FirstCalls(), repr=False)  # shared with its subsets
     _trajectory: Trajectory | None = field(default=None, repr=False)
 
     @property
@@ -258,12 +258,13 @@ class FirstCalls:
 
 @dataclass
 class _FirstCall:
-    calls: FirstCalls
+    first_calls: FirstCalls
     rows: list
     sigma: float
 
-    def _keys(self, x, sigma, options):
-        """(keys of this call's rows, its patches), or None where it is not its run's first (another sigma)."""
+    def key(self, x, sigma, options):
+        """(the kept entries' keys for this call's rows, its patches), or None where it is not shared: not its run's
+        first (another sigma), or carrying a patch that `varies`."""
         sigma = torch.as_tensor(sigma).float()
         if len(x) != len(self.rows) or not bool((sigma == self.sigma).all()):
             return None
@@ -272,20 +273,18 @@ class _FirstCall:
             return None
         return [(row, tuple(id(p) for p in patches)) for row in self.rows], patches
 
-    def take(self, x, sigma, options):
-        """The kept output of this call, or None."""
-        found = self._keys(x, sigma, options)
-        outputs = [self.calls.find(key, self.sigma, xi) for key, xi in zip(found[0], x)] if found else [None]
+    def take(self, key, x):
+        """The kept output of the call with this `key` (None: not shared) and input x, or None."""
+        outputs = [self.first_calls.find(k, self.sigma, xi) for k, xi in zip(key[0], x)] if key else [None]
         if any(output is None for output in outputs):
             return None
         return torch.stack(outputs).to(x.device, x.dtype)
 
-    def keep(self, x, sigma, options, output):
-        found = self._keys(x, sigma, options)
-        if found:
-            for key, xi, out in zip(found[0], x, output):
-                if self.calls.find(key, self.sigma, xi) is None:
-                    self.calls.kept.setdefault(key, []).append((self.sigma, xi.clone(), out.clone(), found[1]))
+    def keep(self, key, x, output):
+        if key:
+            for k, xi, out in zip(key[0], x, output):
+                if self.first_calls.find(k, self.sigma, xi) is None:
+                    self.first_calls.kept.setdefault(k, []).append((self.sigma, xi.clone(), out.clone(), key[1]))
 
 
 def _callables(value) -> list:
@@ -309,12 +308,12 @@ class _Counted:
         return getattr(self.__dict__["_model"], name)
 
     def __call__(self, x, sigma, **kwargs):
-        options = kwargs.get("model_options", {})
-        output = self._first.take(x, sigma, options)
+        key = self._first.key(x, sigma, kwargs.get("model_options", {}))
+        output = self._first.take(key, x)
         if output is None:
             self._calls[0] += self._share
             output = self._model(x, sigma, **kwargs)
-            self._first.keep(x, sigma, options, output)
+            self._first.keep(key, x, output)
         return output
 
 

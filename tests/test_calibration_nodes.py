@@ -86,9 +86,9 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
     # unless the teacher fit is hopeless, the re-solve on each half (a run each), then the chosen re-solve on the
     # batch; validation adds only its plain solver (OLSS judged itself on the same folds). DDIM on karras (the karras
     # candidate's teacher fit, fitted on nothing, and the plain solver of OLSS on it and of IIA-DDIM) runs once, not
-    # at all where the screen ran euler on karras on the whole batch. OLSS-P's one schedule is OLSS's uniform path, judged already: it runs at most
-    # its re-solve and plain solver where OLSS kept another. IIA: its fit, its plain solver (Heun for both Heun
-    # forms: run once), and on each half a fit and a run on the other half
+    # at all where the screen ran euler on karras on the whole batch. OLSS-P's one schedule is OLSS's uniform path,
+    # judged already: it runs at most its re-solve and plain solver where OLSS kept another. IIA: its fit, its plain
+    # solver (Heun for both Heun forms: run once), and on each half a fit and a run on the other half
     olss_fit = d["olss"]
     ddim_screened = "euler / karras" in d["validated"]
     resolved = {label for label, forms in olss_fit["candidate_rmse"].items() if "re-solved, cross-validated" in forms}
@@ -447,8 +447,9 @@ def test_a_noise_first_model_call_is_made_once(model):
     hook = type("Hook", (), {"varies": True, "__call__": lambda self: None})()
     first, x, sigma = FirstCalls().at([0], 1.0), torch.ones(1, 2), torch.ones(1)
     for options in ({}, {"transformer_options": {"wrappers": {"diffusion_model": {"hook": [hook]}}}}):
-        first.keep(x, sigma, options, 2 * x)
-    assert torch.equal(first.take(x, sigma, {}), 2 * x) and first.take(x, sigma, options) is None
+        first.keep(first.key(x, sigma, options), x, 2 * x)
+    assert torch.equal(first.take(first.key(x, sigma, {}), x), 2 * x)
+    assert first.take(first.key(x, sigma, options), x) is None
 
 
 def test_olss_does_not_re_solve_a_hopeless_path(model, monkeypatch):
