@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -20,6 +21,7 @@ import latent_preview
 
 from ..optimizers.teacher import Trajectory, error_estimate, sample_teacher, steps_for, teacher_sigmas
 from .builtins import ksampler_sigmas
+from .lockstep import run_side_by_side
 from .methods import folds
 from .request import Plan
 
@@ -103,18 +105,31 @@ class CalibrationRun:
         pass starts from its pictures re-noised by ComfyUI to the first sigma, as KSampler's do."""
         return self._sample(self.latent, self.request.seed, function, sigmas, **options)
 
+    def sample_side_by_side(self, samplers, sigmas) -> list:
+        """[final x of each (function, options) of `samplers`] on this run's noises and `sigmas`, as `sample` gives
+        them, made in one sampling call with their model calls batched round by round (`lockstep`; no previews)."""
+        finals = []
+
+        def together(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            finals.extend(run_side_by_side(model, samplers, x, sigmas, extra_args,
+                                           check=comfy.model_management.throw_exception_if_processing_interrupted))
+            return finals[0]
+
+        self.sample(together, sigmas)
+        return finals
+
     def _sample(self, latent, seed, function, sigmas, **options):
         batch = self.request.calibration_batch
         latent = latent if len(latent) == batch else latent[:1].repeat(batch, *[1] * (latent.ndim - 1))
         noise = comfy.sample.prepare_noise(latent, seed)
         if self.rows is not None:
             latent, noise = latent[list(self.rows)], noise[list(self.rows)]
-        final, share = [], len(noise) / batch
+        final = []
         rows = list(self.rows) if self.rows is not None else list(range(batch))
 
         def recorded(model, x, sigmas, *args, **kwargs):
             first = self.first_calls.at(rows, float(sigmas[0].float()))     # (the sigma a model call is given)
-            final.append(function(_Counted(model, self.calls, share, first), x, sigmas, *args, **kwargs))
+            final.append(function(_Counted(model, self.calls, batch, first), x, sigmas, *args, **kwargs))
             return final[-1]
 
         sampler = comfy.samplers.KSAMPLER(recorded, extra_options=options)
@@ -264,14 +279,15 @@ class _FirstCall:
 
     def key(self, x, sigma, options):
         """(the kept entries' keys for this call's rows, its patches), or None where it is not shared: not its run's
-        first (another sigma), or carrying a patch that `varies`."""
+        first (another sigma), or carrying a patch that `varies`. (Runs side by side (`lockstep`) ask for their rows
+        one run after another in one call.)"""
         sigma = torch.as_tensor(sigma).float()
-        if len(x) != len(self.rows) or not bool((sigma == self.sigma).all()):
+        if len(x) % len(self.rows) or not bool((sigma == self.sigma).all()):
             return None
         patches = _callables(options)
         if any(getattr(p, "varies", False) for p in patches):
             return None
-        return [(row, tuple(id(p) for p in patches)) for row in self.rows], patches
+        return [(row, tuple(id(p) for p in patches)) for row in self.rows * (len(x) // len(self.rows))], patches
 
     def take(self, key, x):
         """The kept output of the call with this `key` (None: not shared) and input x, or None."""
@@ -297,12 +313,12 @@ def _callables(value) -> list:
 
 
 class _Counted:
-    """The k-diffusion model a sampler function is given: adds `share` (its rows' part of the calibration batch)
-    to `calls[0]` at every call it makes; a run's first call is taken from `first` (`FirstCalls`) where an earlier
-    run made it. Everything else is the model's."""
+    """The k-diffusion model a sampler function is given: adds the call's rows' part of the calibration batch (of
+    `batch` noises) to `calls[0]` at every call it makes; a run's first call is taken from `first` (`FirstCalls`)
+    where an earlier run made it. Everything else is the model's."""
 
-    def __init__(self, model, calls, share, first):
-        self._model, self._calls, self._share, self._first = model, calls, share, first
+    def __init__(self, model, calls, batch, first):
+        self._model, self._calls, self._batch, self._first = model, calls, batch, first
 
     def __getattr__(self, name):
         return getattr(self.__dict__["_model"], name)
@@ -311,7 +327,7 @@ class _Counted:
         key = self._first.key(x, sigma, kwargs.get("model_options", {}))
         output = self._first.take(key, x)
         if output is None:
-            self._calls[0] += self._share
+            self._calls[0] += len(x) / self._batch
             output = self._model(x, sigma, **kwargs)
             self._first.keep(key, x, output)
         return output

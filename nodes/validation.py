@@ -91,28 +91,27 @@ def screen_builtins(run) -> BuiltinScreen:
     ONE_EVALUATION sampler on every scheduler that gives those steps (for a partial pass, at its denoise and
     from its start: another start is another noise level, another picture) is screened on the first eighth of the
     noises (one of 8), and the SCREEN_KEEP best of them are run on the rest, so their errors are over the whole
-    batch. The final x are kept (on the host) so the errors can be measured again against a longer teacher
+    batch; the samplers on the same sigmas run side by side (`side_by_side`). The final x are kept (on the host) so the errors can be measured again against a longer teacher
     without a model call."""
     ms = run.model.get_model_object("model_sampling")
     screen_rows = list(range(max(1, run.batch // 8)))
     rest_rows = list(range(len(screen_rows), run.batch))
     screen, rest = run.subset(screen_rows, states=False), run.subset(rest_rows, states=False) if rest_rows else None
-    screened, starts, calls = {}, {}, run.calls[0]
+    runs, starts, calls = {}, {}, run.calls[0]
     for name in ONE_EVALUATION:
-        sampler = comfy.samplers.sampler_object(name)
         for scheduler, sigmas in schedules(ms, run.request.steps, name, run.request.denoise,
                                            run.plan.start if run.plan.partial else None).items():
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            x = screen.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options).cpu()
-            screened[(name, scheduler)] = (rmse(x, screen.trajectory.final), sigmas, x)
+            runs[(name, scheduler)] = sigmas
             starts[scheduler] = float(sigmas[0])
+    xs = side_by_side(screen, runs)
+    screened = {key: (rmse(xs[key], screen.trajectory.final), runs[key], xs[key]) for key in runs}
     kept = sorted(screened, key=lambda key: screened[key][0])[:SCREEN_KEEP]
+    rest_finals = side_by_side(rest, {key: runs[key] for key in kept}) if rest is not None else {}
     candidates, finals = {}, {}
     for name, scheduler in kept:
         _, sigmas, x = screened[(name, scheduler)]
         if rest is not None:
-            sampler = comfy.samplers.sampler_object(name)
-            x = torch.cat([x, rest.sample(sampler.sampler_function, sigmas.float(), **sampler.extra_options).cpu()])
+            x = torch.cat([x, rest_finals[(name, scheduler)]])
         label = f"{name} / {scheduler}"
         finals[label] = x
         candidates[label] = {"rmse": rmse(x, run.trajectory.final), "sampler": name, "scheduler": scheduler,
@@ -120,3 +119,17 @@ def screen_builtins(run) -> BuiltinScreen:
                              "evaluations": model_evaluations(name, run.request.steps)}
     return BuiltinScreen(candidates, finals, {key: value[0] for key, value in screened.items()}, starts,
                          run.calls[0] - calls)
+
+
+def side_by_side(run, runs) -> dict:
+    """{(sampler, scheduler): its final x on `run`'s noises, on the host} for `runs` ({(sampler, scheduler):
+    sigmas}): the samplers on the same sigmas run side by side, their model calls batched (`lockstep`)."""
+    groups = {}
+    for key, sigmas in runs.items():
+        groups.setdefault(tuple(sigmas.float().tolist()), []).append(key)
+    finals = {}
+    for sigmas, keys in groups.items():
+        samplers = [comfy.samplers.sampler_object(name) for name, _ in keys]
+        xs = run.sample_side_by_side([(s.sampler_function, s.extra_options) for s in samplers], torch.tensor(sigmas))
+        finals.update((key, x.cpu()) for key, x in zip(keys, xs))
+    return finals

@@ -80,8 +80,11 @@ def test_calibrate_stores_and_reuses(model, calibration_folder):
             for scheduler, sigmas in schedules(ms, 4, name).items()}
     kept = [runs[label] for label in set(d["calibration_batch"]) - set(ALL)]
     assert starts(runs.values()) >= 1
-    assert d["builtins_evaluations"] == pytest.approx((3 * len(runs) + starts(runs.values())
-                                                       + 5 * (3 * len(kept) + starts(kept))) / 6)
+    # the samplers on the same sigmas run side by side (`lockstep`), where a call two of them ask for alike (the same
+    # x and sigma: the second of those whose first step is the same arithmetic, euler's) is made once
+    alike = lambda chosen: len(chosen) - len({tuple(sigmas.float().tolist()) for sigmas in chosen})  # noqa: E731
+    one_by_one = (3 * len(runs) + starts(runs.values()) + 5 * (3 * len(kept) + starts(kept))) / 6
+    assert one_by_one - (alike(list(runs.values())) + 5 * alike(kept)) / 6 <= d["builtins_evaluations"] < one_by_one
     # OLSS: per candidate schedule the teacher fit of each half sampled on the other half (one run in all) and,
     # unless the teacher fit is hopeless, the re-solve on each half (a run each), then the chosen re-solve on the
     # batch; validation adds only its plain solver (OLSS judged itself on the same folds). DDIM on karras (the karras
