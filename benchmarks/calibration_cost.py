@@ -5,7 +5,9 @@ auto, made by the nodes' own `fit`, with a fixed teacher and with teacher_steps 
     make bench-cost ARGS="--models sharp_sd15 --nfe 5"
 
 Model calls are counted as ComfyUI makes them (guided calls, after CFG) and weighed by the rows they
-evaluate, so a call on half the calibration batch counts one half: "calls" are calls on the whole batch.
+evaluate, so a call on half the calibration batch counts one half: "calls" are calls on the whole batch;
+"invocations" counts the calls as made, whatever their rows (what a GPU's per-call overhead and a call of few
+latents cost).
 They are split into the teacher's runs (diagnostics["teacher"]), the built-in screen
 (diagnostics["builtins_evaluations"]) and each method's fits and validation (diagnostics[method]["calls"]); the
 node's own total is checked against the count. Each method's held-out error (new seeds, the calibration's prompts)
@@ -59,7 +61,8 @@ def measure(case, nfe, teacher_steps):
     errors["auto"] = held_out(case, calibration, choice)
     assert abs(calls - d["calls"]) < 1e-6, (calls, d["calls"])        # the node's own count is every call
     return {"teacher_steps": teacher["steps"], "estimate": teacher.get("estimate"), "target": teacher.get("target"),
-            "calls": calls, "teacher_calls": teacher["evaluations"], "builtin_calls": d["builtins_evaluations"],
+            "calls": calls, "invocations": len(rows), "teacher_calls": teacher["evaluations"],
+            "builtin_calls": d["builtins_evaluations"],
             "other_calls": calls - teacher["evaluations"] - d["builtins_evaluations"], "seconds": seconds,
             "method_calls": {m: d[m]["calls"] for m in calibration.fits},
             # what KSampler (Calibrated)'s auto does not fit: not in AUTO, or more than nfe evaluations
@@ -74,14 +77,16 @@ def markdown(results):
              "call counts one half). Held-out: RMSE against a 500-step teacher on 16 new seeds, the calibration's "
              "prompts.", "",
              "| model | NFE | teacher | its error (est.) | calls: teacher | built-ins | fits and validation | "
-             "total | seconds | auto's choice | auto held-out |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "total | invocations | seconds | auto's choice | auto held-out |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for setting in ("fixed", "auto"):
             m = r[setting]
             estimate = "" if m["estimate"] is None else f"{m['estimate']:.1e} (target {m['target']:.1e})"
             lines.append(f"| {r['model']} | {r['nfe']} | {setting}: {m['teacher_steps']} steps | {estimate} | "
                          f"{m['teacher_calls']:.0f} | {m['builtin_calls']:.0f} | {m['other_calls']:.0f} | "
-                         f"{m['calls']:.0f} | {m['seconds']:.0f} | {m['auto']} | {m['held_out']['auto']:.4f} |")
+                         f"{m['calls']:.0f} | {m.get('invocations', '')} | {m['seconds']:.0f} | {m['auto']} | "
+                         f"{m['held_out']['auto']:.4f} |")
     fitted = sorted({m for r in results for m in r["auto"]["method_calls"]})
     lines += ["", "Model calls per method with teacher_steps auto (its fits and validation, every scheduler tried), "
               "and the total of KSampler (Calibrated)'s auto, which fits only the methods of AUTO "
