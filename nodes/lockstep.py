@@ -2,12 +2,13 @@
 
 The built-in screen runs ten samplers on one noise per schedule: one at a time, that is forty model calls of one
 latent each at 4 steps, and on a GPU a call of one latent costs much of what a call of eight does (the GPU is far
-from full; not measured here). Run in lockstep they make four calls of ten latents: each sampler runs in its own thread against a stand-in model that hands its
-call to the driver and waits; once every sampler still running has asked for a call, the driver makes one call
-on all their inputs (each row keeps its own sigma and conditioning: ComfyUI repeats a conditioning batch to the
-call's rows in order, so rows stacked sampler after sampler meet theirs) and hands each its part. A sampler's
-result is what it would be alone, to the rounding of a batched call. (Calibration runs are never masked: ComfyUI's
-inpainting mask, noise and picture are per row of a run, and a batched call would not meet them.)
+from full; not measured here). Run in lockstep they make four calls of ten latents: each sampler runs in its own
+thread against a stand-in model that hands its call to the driver and waits; once every sampler still running has
+asked for a call, the driver makes one call on all their inputs (each row keeps its own sigma and conditioning:
+ComfyUI repeats a conditioning batch to the call's rows in order, so rows stacked sampler after sampler meet theirs)
+and hands each its part. A sampler's result is what it would be alone, to the rounding of a batched call.
+(Calibration runs are never masked: ComfyUI's inpainting mask, noise and picture are per row of a run, and a
+batched call would not meet them.)
 """
 import threading
 

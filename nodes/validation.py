@@ -91,8 +91,8 @@ def screen_builtins(run) -> BuiltinScreen:
     ONE_EVALUATION sampler on every scheduler that gives those steps (for a partial pass, at its denoise and
     from its start: another start is another noise level, another picture) is screened on the first eighth of the
     noises (one of 8), and the SCREEN_KEEP best of them are run on the rest, so their errors are over the whole
-    batch; the samplers on the same sigmas run side by side (`side_by_side`). The final x are kept (on the host) so the errors can be measured again against a longer teacher
-    without a model call."""
+    batch; the samplers on the same sigmas run side by side (`side_by_side`). The final x are kept (on the host) so
+    the errors can be measured again against a longer teacher without a model call."""
     ms = run.model.get_model_object("model_sampling")
     screen_rows = list(range(max(1, run.batch // 8)))
     rest_rows = list(range(len(screen_rows), run.batch))

@@ -21,8 +21,8 @@ def model(request):
 
 def _run(model, counted):
     request = Request.from_inputs("olss", seed=0, cfg=2.0, steps=5, teacher_steps=20, calibration_batch=4)
-    return CalibrationRun(model=counted or model, plan=plan(model, (4, 8, 8), request),
-                          positive=gmm.conditioning([3]), negative=gmm.null_conditioning(), latent=torch.zeros(1, 4, 8, 8))
+    return CalibrationRun(model=counted or model, plan=plan(model, (4, 8, 8), request), positive=gmm.conditioning([3]),
+                          negative=gmm.null_conditioning(), latent=torch.zeros(1, 4, 8, 8))
 
 
 def _counted(model, rows):
