@@ -6,8 +6,9 @@ from full; not measured here). Run in lockstep they make four calls of ten laten
 thread against a stand-in model that hands its call to the driver and waits; once every sampler still running has
 asked for a call, the driver makes one call on all their inputs (each row keeps its own sigma and conditioning:
 ComfyUI repeats a conditioning batch to the call's rows in order, so rows stacked sampler after sampler meet theirs)
-and hands each its part. A sampler's result is what it would be alone, to the rounding of a batched call.
-(Calibration runs are never masked: ComfyUI's inpainting mask, noise and picture are per row of a run, and a
+and hands each its part. A sampler's result is what it would be alone, to the rounding of a batched call. No call
+is larger than `max_rows` (the calibration batch: the teacher's calls are that large, so what fits the GPU for
+them fits for these). (Calibration runs are never masked: ComfyUI's inpainting mask, noise and picture are per row of a run, and a
 batched call would not meet them.)
 """
 import threading
@@ -19,10 +20,10 @@ class _Stopped(Exception):
     """Raised in a sampler's thread when the run is given up (another sampler failed, or Cancel)."""
 
 
-def run_side_by_side(model, samplers, x, sigmas, extra_args, check=None) -> list:
+def run_side_by_side(model, samplers, x, sigmas, extra_args, max_rows, check=None) -> list:
     """[final x of each (function, options) in `samplers`], each run as a k-diffusion sampler on `model` from x
-    over `sigmas` (its own copies of both) with `extra_args`, no callback, their model calls batched round by round.
-    `check()`, called before each batched call, may raise (Cancel): every sampler is then stopped and it propagates,
+    over `sigmas` (its own copies of both) with `extra_args`, no callback, their model calls batched round by round
+    in calls of at most `max_rows` rows (a sampler's own call larger than that is made alone). `check()`, called before each batched call, may raise (Cancel): every sampler is then stopped and it propagates,
     as does a sampler's own error."""
     n = len(samplers)
     state = threading.Condition()
@@ -78,7 +79,7 @@ def run_side_by_side(model, samplers, x, sigmas, extra_args, check=None) -> list
                 calls = [asked.pop(i) for i in order]
             if check is not None:
                 check()
-            outputs = _call(model, calls)
+            outputs = _call(model, calls, max_rows)
             with state:
                 answers.update(zip(order, outputs))
                 state.notify_all()
@@ -91,10 +92,11 @@ def run_side_by_side(model, samplers, x, sigmas, extra_args, check=None) -> list
     return finals
 
 
-def _call(model, calls) -> list:
-    """The model's outputs for each (x, sigma, kwargs) asked: one call on them all where they pass the same options
-    (the extra_args they were given), a request asked twice (the same x and sigma: every sampler's first, and the
-    second of those whose first step is the same arithmetic) made once; else one call each."""
+def _call(model, calls, max_rows) -> list:
+    """The model's outputs for each (x, sigma, kwargs) asked: batched, in calls of at most `max_rows` rows, where they
+    pass the same options (the extra_args they were given), a request asked twice (the same x and sigma: every
+    sampler's first, and the second of those whose first step is the same arithmetic) made once; else one call
+    each."""
     kwargs = calls[0][2]
     if any(c[2].keys() != kwargs.keys() or any(c[2][k] is not kwargs[k] for k in kwargs) for c in calls):
         return [model(x, sigma, **k) for x, sigma, k in calls]
@@ -106,8 +108,16 @@ def _call(model, calls) -> list:
             found = len(unique)
             unique.append((x, sigma))
         index.append(found)
-    outputs = model(torch.cat([x for x, _ in unique]), torch.cat([s for _, s in unique]), **kwargs)
-    outputs, answers, given = outputs.split([len(x) for x, _ in unique]), [], set()
+    chunks = [[]]
+    for request in unique:
+        if chunks[-1] and sum(len(x) for x, _ in chunks[-1]) + len(request[0]) > max_rows:
+            chunks.append([])
+        chunks[-1].append(request)
+    outputs = []
+    for chunk in chunks:
+        out = model(torch.cat([x for x, _ in chunk]), torch.cat([s for _, s in chunk]), **kwargs)
+        outputs += out.split([len(x) for x, _ in chunk])
+    answers, given = [], set()
     for i in index:             # (a request asked twice gets a copy: samplers may write into what they are given)
         answers.append(outputs[i].clone() if i in given else outputs[i])
         given.add(i)

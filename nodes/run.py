@@ -107,11 +107,12 @@ class CalibrationRun:
 
     def sample_side_by_side(self, samplers, sigmas) -> list:
         """[final x of each (function, options) of `samplers`] on this run's noises and `sigmas`, as `sample` gives
-        them, made in one sampling call with their model calls batched round by round (`lockstep`; no previews)."""
+        them, made in one sampling call with their model calls batched round by round, in calls no larger than the
+        calibration batch (`lockstep`; no previews)."""
         finals = []
 
         def together(model, x, sigmas, extra_args=None, callback=None, disable=None):
-            finals.extend(run_side_by_side(model, samplers, x, sigmas, extra_args,
+            finals.extend(run_side_by_side(model, samplers, x, sigmas, extra_args, self.request.calibration_batch,
                                            check=comfy.model_management.throw_exception_if_processing_interrupted))
             return finals[0]
 

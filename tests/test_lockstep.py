@@ -38,18 +38,21 @@ def test_samplers_side_by_side_end_where_they_would_alone(model):
     samplers = [comfy.samplers.sampler_object(name) for name in SAMPLERS]
     samplers = [(s.sampler_function, s.extra_options) for s in samplers]
     run.trajectory                                      # (the teacher: every run's first call is its)
-    rows.clear()
-    alone = [run.sample(function, sigmas, **options) for function, options in samplers]
-    alone_calls, alone_rows = len(rows), sum(rows)
-    rows.clear()
-    together = run.sample_side_by_side(samplers, sigmas)
-    for name, a, b in zip(SAMPLERS, alone, together):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
-    # one call a round for them all after the first (the teacher's): 4 calls where alone they made 4 each, and the
-    # second call of the samplers whose first step is euler's is asked alike and made once
-    assert alone_calls == 4 * len(SAMPLERS) and len(rows) == 4
-    assert sum(rows) < alone_rows
-    assert run.calls[0] == pytest.approx(20 + (alone_rows + sum(rows)) / 4)
+    for part in (run.subset([1], states=False), run):
+        rows.clear()
+        alone = [part.sample(function, sigmas, **options) for function, options in samplers]
+        alone_calls, alone_rows = len(rows), sum(rows)
+        rows.clear()
+        before = run.calls[0]
+        together = part.sample_side_by_side(samplers, sigmas)
+        for name, a, b in zip(SAMPLERS, alone, together):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
+        # after the first call (the teacher's), the calls of a round made together in calls no larger than the
+        # calibration batch (4 rows): on one noise at most 2 a round where alone they made 6; the second call of the
+        # samplers whose first step is euler's is asked alike and made once
+        assert alone_calls == 4 * len(SAMPLERS) and max(rows) <= 4 and sum(rows) < alone_rows
+        assert len(rows) < alone_calls and (part is run or len(rows) <= 2 * 4)
+        assert run.calls[0] - before == pytest.approx(sum(rows) / 4)
 
 
 def test_an_error_or_cancel_in_one_stops_them_all(model):
@@ -95,11 +98,15 @@ def test_requests_alike_are_made_once_and_other_options_alone():
         return x
 
     x, sigmas = torch.ones(2, 3), torch.tensor([3.0, 2.0, 1.0, 0.0])
-    finals = run_side_by_side(model, [(steps, {}), (steps, {"shift": 1.0}), (steps, {})], x, sigmas, {"scale": 2.0})
-    for final, options in zip(finals, [{}, {"shift": 1.0}, {}]):
-        assert torch.equal(final, steps(lambda *a, **k: model(*a, **k), x, sigmas, {"scale": 2.0}, **options))
-    assert calls[:3] == [2, 4, 4]           # the first request is alike for all three; then two different x
+    samplers = [(steps, {}), (steps, {"shift": 1.0}), (steps, {})]
+    for max_rows, made in ((4, [2, 4, 4]), (2, [2, 2, 2, 2, 2])):
+        calls.clear()
+        finals = run_side_by_side(model, samplers, x, sigmas, {"scale": 2.0}, max_rows=max_rows)
+        # the first request alike for all three; then two x of 2 rows a round, in calls of at most max_rows rows
+        assert calls == made
+        for final, (_, options) in zip(finals, samplers):
+            assert torch.equal(final, steps(model, x, sigmas, {"scale": 2.0}, **options))
     odd = lambda model, x, sigmas, extra_args=None, **kwargs: model(x, sigmas[0] * x.new_ones(len(x)), scale=3.0)
     calls.clear()
-    run_side_by_side(model, [(odd, {}), (steps, {})], x, sigmas, {"scale": 2.0})
+    run_side_by_side(model, [(odd, {}), (steps, {})], x, sigmas, {"scale": 2.0}, max_rows=4)
     assert calls[:2] == [2, 2]              # other options: one call each
