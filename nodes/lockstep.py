@@ -2,14 +2,14 @@
 
 The built-in screen runs ten samplers on one noise per schedule: one at a time, that is forty model calls of one
 latent each at 4 steps, and on a GPU a call of one latent costs much of what a call of eight does (the GPU is far
-from full; not measured here). Run in lockstep they make four calls of ten latents: each sampler runs in its own
-thread against a stand-in model that hands its call to the driver and waits; once every sampler still running has
-asked for a call, the driver makes one call on all their inputs (each row keeps its own sigma and conditioning:
+from full; not measured here). Run in lockstep they make four rounds of at most two calls: each sampler runs in its
+own thread against a stand-in model that hands its call to the driver and waits; once every sampler still running
+has asked for a call, the driver makes the round's calls together (each row keeps its own sigma and conditioning:
 ComfyUI repeats a conditioning batch to the call's rows in order, so rows stacked sampler after sampler meet theirs)
 and hands each its part. A sampler's result is what it would be alone, to the rounding of a batched call. No call
 is larger than `max_rows` (the calibration batch: the teacher's calls are that large, so what fits the GPU for
-them fits for these). (Calibration runs are never masked: ComfyUI's inpainting mask, noise and picture are per row of a run, and a
-batched call would not meet them.)
+them fits for these). Calibration runs are never masked: ComfyUI's inpainting mask, noise and picture are per row
+of a run, and a batched call would not meet them.
 """
 import threading
 
@@ -23,8 +23,9 @@ class _Stopped(Exception):
 def run_side_by_side(model, samplers, x, sigmas, extra_args, max_rows, check=None) -> list:
     """[final x of each (function, options) in `samplers`], each run as a k-diffusion sampler on `model` from x
     over `sigmas` (its own copies of both) with `extra_args`, no callback, their model calls batched round by round
-    in calls of at most `max_rows` rows (a sampler's own call larger than that is made alone). `check()`, called before each batched call, may raise (Cancel): every sampler is then stopped and it propagates,
-    as does a sampler's own error."""
+    in calls of at most `max_rows` rows (a sampler's own call larger than that is made alone). `check()`, called
+    before each round's calls, may raise (Cancel): every sampler is then stopped and it propagates, as does a
+    sampler's own error."""
     n = len(samplers)
     state = threading.Condition()
     asked, answers, finals, errors, done = {}, {}, [None] * n, [], set()
